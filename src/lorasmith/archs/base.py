@@ -300,6 +300,8 @@ class Architecture:
     spellings: ClassVar[tuple[str, ...]] = ("kohya",)
     modelspec: ClassVar[Mapping[str, str]] = {}
     base_model_version: ClassVar[Mapping[str, str]] = {}
+    #: spellings whose keys ComfyUI does not load for this family ("lora key not loaded").
+    comfyui_rejects: ClassVar[frozenset[str]] = frozenset()
 
     # ----------------------------------------------------------------------------------------- inventories
     @cached_property
@@ -410,6 +412,11 @@ class Architecture:
     def block_notations(self) -> Mapping[str, Sequence[str]]:
         """Block-weight notations: name -> ordered labels (``{"sdxl-12": ["BASE", "IN04", ...]}``)."""
         return {}
+
+    def module_type(self, key: str, spec: TensorSpec | None = None) -> str:
+        """Coarse module type of a canonical key for summaries: ``attention``, ``feed-forward``,
+        ``projection``, ``modulation``, ``conv``, ``norm``, ``embedding`` or ``other``."""
+        return classify_module(key, spec)
 
     # ---------------------------------------------------------------------------------------- detection
     @cached_property
@@ -555,6 +562,28 @@ def iter_weight_modules(tensors: Mapping[str, TensorSpec], min_ndim: int = 1) ->
     for key, spec in tensors.items():
         if key.endswith(".weight") and len(spec.shape) >= min_ndim:
             yield key[: -len(".weight")], spec
+
+
+_TYPE_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("modulation", re.compile(r"(adaLN|_mod\.|\.mod\.|modulation|norm1\.linear|norm1_context\.linear|norm\.linear)")),
+    ("norm", re.compile(r"(norm|ln_\d|ln_final|layer_norm|\.ln_)")),
+    ("attention", re.compile(r"(attn|attention|self_attn|SelfAttention|EncDecAttention|to_q|to_k|to_v|qkv|in_proj|out_proj)")),
+    ("feed-forward", re.compile(r"(\.ff\.|ff_context|\.mlp|feed_forward|DenseReluDense|linear1|linear2|fc1|fc2|c_fc|c_proj)")),
+    ("projection", re.compile(r"(proj_in|proj_out|final_layer|conv_in|conv_out|\.out\.)")),
+    ("embedding", re.compile(r"(embed|_in\.|time_in|vector_in|guidance_in|img_in|txt_in|token_embedding|position)")),
+)
+
+
+def classify_module(key: str, spec: TensorSpec | None = None) -> str:
+    """Coarse module type of a key from its name (and, for kxk convolutions, its shape)."""
+    if spec is not None and len(spec.shape) == 4 and spec.shape[2] * spec.shape[3] > 1:
+        return "conv"
+    for name, rx in _TYPE_RULES:
+        if rx.search(key):
+            return name
+    if spec is not None and len(spec.shape) == 4:
+        return "conv"
+    return "other"
 
 
 _NUM = re.compile(r"\.(\d+)\.")

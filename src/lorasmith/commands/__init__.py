@@ -1,0 +1,1 @@
+"""One thin module per command: parse options, call one ops function, render its result."""

@@ -1,0 +1,42 @@
+"""Commands that a later release provides: each says so and exits 1; nothing pretends to work."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from lorasmith.commands._common import guarded
+from lorasmith.errors import NotAvailableError
+
+_ISSUE_HINT = "this command is planned; see docs/{name}.md for what it will do"
+
+
+def _stub(name: str, summary: str) -> typer.Typer | object:
+    @guarded
+    def command(
+        args: Annotated[list[str] | None, typer.Argument(help="Arguments (not used yet).")] = None,
+    ) -> None:
+        raise NotAvailableError(f"`lorasmith {name}` is not available yet", hint=_ISSUE_HINT.format(name=name))
+
+    command.__doc__ = f"{summary} (not available yet)."
+    return command
+
+
+def register(app: typer.Typer, available: set[str]) -> None:
+    """Add a stub for every command in ``STUBS`` that ``available`` does not provide."""
+    for name, summary in STUBS.items():
+        if name not in available:
+            app.command(
+                name,
+                context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+            )(_stub(name, summary))
+
+
+STUBS: dict[str, str] = {
+    "merge": "Merge LoRAs, bake LoRAs into a checkpoint, or merge checkpoints",
+    "resize": "Lower a LoRA's rank",
+    "extract": "Extract a LoRA from the difference of two checkpoints",
+    "convert": "Convert between LoRA spellings, checkpoint layouts and dtypes",
+    "cache": "Cache latents, text-encoder outputs and base-model norms",
+}

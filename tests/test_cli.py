@@ -1,0 +1,59 @@
+"""The command line: --help without torch, stubs, plugins, error formatting."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from lorasmith.cli import app
+
+runner = CliRunner()
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "lorasmith", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_help_and_import_do_not_import_torch() -> None:
+    code = (
+        "import sys, lorasmith, lorasmith.cli, lorasmith.registry;"
+        "from lorasmith.registry import get_registry; get_registry();"
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    proc = _run("--help")
+    assert proc.returncode == 0
+    for name in ("inspect", "merge", "resize", "extract", "convert", "cache", "plugins"):
+        assert name in proc.stdout
+
+
+def test_version() -> None:
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and "lorasmith" in result.output
+
+
+def test_plugins_lists_builtins_as_json() -> None:
+    result = runner.invoke(app, ["plugins", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert {f["id"] for f in data["families"]} >= {"sd1", "sdxl", "flux", "sd3", "zimage"}
+    assert all(p["version"] for p in data["plugins"])
+
+
+@pytest.mark.parametrize("name", ["cache"])
+def test_stub_commands_say_not_available(name: str) -> None:
+    proc = _run(name, "x")
+    assert proc.returncode == 1
+    assert "not available yet" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_unknown_option_is_usage_error() -> None:
+    proc = _run("inspect", "--no-such-option", "x")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
