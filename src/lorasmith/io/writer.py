@@ -1,0 +1,496 @@
+"""A streaming, atomic safetensors writer.
+
+:class:`SafetensorsWriter` writes into a hidden temporary file next to the output
+(``.<name>.<random>.tmp``), fsyncs it, checks its header and then ``os.replace``\\ s it into place: an
+error, an interrupt or :meth:`SafetensorsWriter.abort` leaves no file behind and an existing output intact.
+
+The layout is byte for byte what ``safetensors.torch.save`` writes for the same tensors and metadata
+(see :mod:`lorasmith.io.layout`; metadata keys are written sorted).
+
+Two modes:
+
+- *planned* (``plan`` given, name -> ``(dtype, shape)``): the header is written first, with placeholder
+  hash values of the final length, and :meth:`~SafetensorsWriter.write` accepts tensors in any order,
+  writing each at its offset, so nothing but the tensor being written is held in memory. At close every
+  planned tensor must have been written; the hashes are computed (incrementally while tensors arrive in
+  file order, otherwise by re-reading the data section) and the header is rewritten in place.
+- *unplanned*: tensors are kept (by reference) until :meth:`~SafetensorsWriter.close`, which lays them out
+  and writes them; meant for small outputs such as LoRAs.
+
+With ``hashes=True`` the metadata gets ``sshs_model_hash`` and ``sshs_legacy_hash`` (see
+:mod:`lorasmith.io.hashes`), and ``modelspec.hash_sha256`` when it holds ``modelspec.sai_model_spec``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import struct
+import tempfile
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from lorasmith.errors import InvalidFileError, OutputExistsError
+from lorasmith.io.dtypes import header_shape, safetensors_dtype
+from lorasmith.io.hashes import iter_file_range, legacy_hash, ss_metadata
+from lorasmith.io.header import TensorInfo, read_header
+from lorasmith.io.layout import encode_header, plan_layout, serialize_prefix
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["SafetensorsWriter", "WriteResult", "check_output_path", "save_file"]
+
+MODEL_HASH_KEY = "sshs_model_hash"
+LEGACY_HASH_KEY = "sshs_legacy_hash"
+MODELSPEC_KEY = "modelspec.sai_model_spec"
+MODELSPEC_HASH_KEY = "modelspec.hash_sha256"
+
+_PLACEHOLDER_MODEL = "0" * 64
+_PLACEHOLDER_LEGACY = "0" * 8
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """What :meth:`SafetensorsWriter.close` wrote.
+
+    :ivar path: the output file.
+    :ivar n_tensors: number of tensors.
+    :ivar data_bytes: size of the data section.
+    :ivar file_bytes: size of the file.
+    :ivar sshs_model_hash: sha256 hex of the data section (``None`` when hashes were off).
+    :ivar sshs_legacy_hash: the kohya legacy hash (``None`` when hashes were off).
+    """
+
+    path: Path
+    n_tensors: int
+    data_bytes: int
+    file_bytes: int
+    sshs_model_hash: str | None
+    sshs_legacy_hash: str | None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        pass
+    try:
+        return a.resolve() == b.resolve()
+    except (OSError, RuntimeError):
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
+def check_output_path(
+    path: str | os.PathLike[str], *, overwrite: bool = False, inputs: Iterable[str | os.PathLike[str]] = ()
+) -> Path:
+    """Check that ``path`` may be written; return it as a :class:`~pathlib.Path`.
+
+    Commands call this before any heavy work, so that a refused output fails in a second.
+
+    :raises OutputExistsError: the output exists and ``overwrite`` is false, or it is one of ``inputs``.
+    :raises InvalidFileError: the output is a directory, or its folder is missing or not writable.
+    """
+    p = Path(path)
+    for inp in inputs:
+        if _same_file(p, Path(inp)):
+            raise OutputExistsError(
+                f"{p}: output would overwrite its own input",
+                hint="write the output to a new file; inputs are never modified",
+            )
+    if p.is_dir():
+        raise InvalidFileError(f"{p}: output is a directory", hint="give a file name for the output")
+    if os.path.lexists(p) and not overwrite:
+        raise OutputExistsError(f"{p}: output already exists", hint="pass --overwrite to replace it")
+    parent = p.parent
+    if not parent.is_dir():
+        what = "does not exist" if not os.path.lexists(parent) else "is not a directory"
+        raise InvalidFileError(f"{parent}: output folder {what}", hint="create the folder first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InvalidFileError(
+            f"{parent}: output folder is not writable", hint="choose another folder or fix its permissions"
+        )
+    return p
+
+
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The tensor's bytes (no copy when it is already CPU and contiguous)."""
+    import torch
+
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.resolve_conj().resolve_neg().contiguous()
+    if t.dtype != torch.uint8:
+        t = t.reshape(-1).view(torch.uint8)
+    return t.reshape(-1).numpy().data
+
+
+def _describe(tensor: object) -> tuple[str, tuple[int, ...]]:
+    import torch
+
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.layout != torch.strided:
+        raise ValueError(f"cannot write a {tensor.layout} tensor; make it dense first")
+    dtype = safetensors_dtype(tensor.dtype)
+    return dtype, header_shape(dtype, tuple(tensor.shape))
+
+
+class _TempFile:
+    """The temporary file being written; removes itself unless committed."""
+
+    def __init__(self, parent: Path, name: str) -> None:
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
+        except OSError as exc:
+            raise InvalidFileError(
+                f"{parent}: cannot create a file in the output folder ({exc.strerror or exc})",
+                hint="choose another folder or fix its permissions",
+            ) from exc
+        self.path = Path(tmp)
+        self.fh = os.fdopen(fd, "r+b", buffering=0)
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            self.fh.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+class SafetensorsWriter:
+    """Write a safetensors file atomically, streaming tensors in planned mode.
+
+    :param path: the output file.
+    :param metadata: ``__metadata__`` (string to string); ``None`` writes none (unless hashes add some).
+    :param overwrite: replace an existing output.
+    :param inputs: the files the output is made from; writing over one of them is refused.
+    :param plan: name -> ``(safetensors dtype, header shape)`` of every tensor, for streaming (planned) mode.
+    :param hashes: add ``sshs_model_hash``, ``sshs_legacy_hash`` (and ``modelspec.hash_sha256``) to the
+        metadata; when false the metadata is written as given.
+    :raises OutputExistsError, InvalidFileError: see :func:`check_output_path`.
+    :raises ValueError: a bad plan (unknown dtype, duplicate name...) or metadata that is not str -> str.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        metadata: Mapping[str, str] | None = None,
+        overwrite: bool = False,
+        inputs: Iterable[str | os.PathLike[str]] = (),
+        plan: Mapping[str, tuple[str, Sequence[int]]] | None = None,
+        hashes: bool = True,
+    ) -> None:
+        self.path = check_output_path(path, overwrite=overwrite, inputs=inputs)
+        if metadata is not None:
+            for key, value in metadata.items():
+                if not isinstance(key, str) or not isinstance(value, str):
+                    raise ValueError(
+                        f"metadata must map strings to strings, got {key!r}: {type(value).__name__}"
+                    )
+        self._user_metadata = dict(metadata) if metadata is not None else None
+        self._hashes = hashes
+        self._planned = plan is not None
+        self._pending: dict[str, torch.Tensor] = {}
+        self._tmp: _TempFile | None = None
+        self._finalizer: weakref.finalize[[], SafetensorsWriter] | None = None
+        self._layout: dict[str, TensorInfo] = {}
+        self._written: set[str] = set()
+        self._hasher = hashlib.sha256()
+        self._hashed_upto = 0
+        self._data_offset = 0
+        self._data_size = 0
+        self._header_len = 0
+        self._result: WriteResult | None = None
+        self._aborted = False
+        if plan is not None:
+            layout = plan_layout((name, dtype, shape) for name, (dtype, shape) in plan.items())
+            try:
+                self._start(layout)
+            except BaseException:
+                self.abort()
+                raise
+
+    # ---------------------------------------------------------------------------------------- internals
+    def _final_metadata(self, model: str, legacy: str) -> dict[str, str] | None:
+        if self._user_metadata is None and not self._hashes:
+            return None
+        meta = dict(self._user_metadata or {})
+        if self._hashes:
+            meta[MODEL_HASH_KEY] = model
+            meta[LEGACY_HASH_KEY] = legacy
+            if MODELSPEC_KEY in meta:
+                meta[MODELSPEC_HASH_KEY] = "0x" + model
+        return meta
+
+    def _start(self, layout: list[TensorInfo]) -> None:
+        """Create the temporary file and write the header (with placeholder hashes)."""
+        self._layout = {t.name: t for t in layout}
+        header = encode_header(layout, self._final_metadata(_PLACEHOLDER_MODEL, _PLACEHOLDER_LEGACY))
+        self._header_len = len(header)
+        self._data_offset = 8 + len(header)
+        self._data_size = layout[-1].end if layout else 0
+        tmp = _TempFile(self.path.parent, self.path.name)
+        self._tmp = tmp
+        self._finalizer = weakref.finalize(self, tmp.discard)
+        with contextlib.suppress(OSError, AttributeError):  # fchmod is missing on Windows
+            os.fchmod(tmp.fh.fileno(), _umask_mode())
+        self._pwrite(struct.pack("<Q", len(header)) + header, 0)
+        try:
+            tmp.fh.truncate(self._data_offset + self._data_size)
+        except OSError as exc:
+            raise self._write_error(exc) from exc
+
+    def _write_error(self, exc: OSError) -> InvalidFileError:
+        return InvalidFileError(
+            f"{self.path}: cannot write ({exc.strerror or exc})",
+            hint="check free disk space and the folder's permissions",
+        )
+
+    def _pwrite(self, data: bytes | memoryview, offset: int) -> None:
+        assert self._tmp is not None
+        fh = self._tmp.fh
+        view = memoryview(data).cast("B")
+        try:
+            fh.seek(offset)
+            while view:
+                n = fh.write(view)
+                if n is None or n <= 0:  # pragma: no cover - a blocking regular file never does this
+                    raise OSError("short write")
+                view = view[n:]
+        except OSError as exc:
+            raise self._write_error(exc) from exc
+
+    def _write_planned(self, name: str, tensor: torch.Tensor) -> None:
+        info = self._layout.get(name)
+        if info is None:
+            raise ValueError(f"{self.path}: tensor {name!r} is not in the plan")
+        if name in self._written:
+            raise ValueError(f"{self.path}: tensor {name!r} written twice")
+        dtype, shape = _describe(tensor)
+        if (dtype, shape) != (info.dtype, info.shape):
+            raise ValueError(
+                f"{self.path}: tensor {name!r} is {dtype} {list(shape)}, "
+                f"the plan says {info.dtype} {list(info.shape)}"
+            )
+        data = _tensor_bytes(tensor)
+        if data.nbytes != info.nbytes:  # pragma: no cover - guaranteed by the dtype and shape check
+            raise ValueError(f"{self.path}: tensor {name!r} has {data.nbytes} bytes, expected {info.nbytes}")
+        if data.nbytes:
+            self._pwrite(data, self._data_offset + info.start)
+        self._written.add(name)
+        if self._hashes and info.start == self._hashed_upto:
+            self._hasher.update(data)
+            self._hashed_upto = info.end
+
+    # ------------------------------------------------------------------------------------------- public
+    @property
+    def planned(self) -> bool:
+        """Whether the writer streams to a plan (``plan`` was given)."""
+        return self._planned
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write (planned mode) or queue (unplanned mode) one tensor, in its own dtype.
+
+        The caller casts; GPU or non-contiguous tensors are copied to contiguous CPU memory first.
+
+        :raises ValueError: a name not in the plan, written twice, or of another dtype/shape than planned.
+        :raises TypeError: ``tensor`` is not a torch tensor.
+        :raises InvalidFileError: the disk refused the write.
+        """
+        self._check_open()
+        try:
+            if self._planned:
+                self._write_planned(name, tensor)
+            else:
+                if name in self._pending:
+                    raise ValueError(f"{self.path}: tensor {name!r} written twice")
+                if name == "__metadata__":
+                    raise ValueError("'__metadata__' cannot be a tensor name")
+                _describe(tensor)
+                self._pending[name] = tensor
+        except (ValueError, TypeError):
+            raise
+        except BaseException:
+            self.abort()
+            raise
+
+    def _check_open(self) -> None:
+        if self._aborted:
+            raise RuntimeError(f"{self.path}: writer was aborted")
+        if self._result is not None:
+            raise RuntimeError(f"{self.path}: writer is closed")
+
+    def close(self) -> WriteResult:
+        """Finish the file: check completeness, compute hashes, fsync, validate, replace into place.
+
+        Idempotent: a second call returns the first result. On any error the temporary file is removed.
+
+        :raises ValueError: planned tensors that were never written.
+        :raises InvalidFileError: a write or the final check failed.
+        """
+        if self._result is not None:
+            return self._result
+        if self._aborted:
+            raise RuntimeError(f"{self.path}: writer was aborted")
+        try:
+            self._result = self._finish()
+        except BaseException:
+            self.abort()
+            raise
+        return self._result
+
+    def _finish(self) -> WriteResult:
+        if not self._planned:
+            pending, self._pending = self._pending, {}
+            specs = []
+            for name, tensor in pending.items():
+                dtype, shape = _describe(tensor)
+                specs.append((name, dtype, shape))
+            self._start(plan_layout(specs))
+            for info in list(self._layout.values()):
+                self._write_planned(info.name, pending.pop(info.name))
+        missing = [n for n in self._layout if n not in self._written]
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise ValueError(
+                f"{self.path}: {len(missing)} planned tensors never written: "
+                + ", ".join(repr(m) for m in missing[:3])
+                + more
+            )
+        assert self._tmp is not None
+        tmp = self._tmp
+        model: str | None = None
+        legacy: str | None = None
+        try:
+            if self._hashes:
+                model, legacy = self._compute_hashes()
+                header = encode_header(list(self._layout.values()), self._final_metadata(model, legacy))
+                if len(header) != self._header_len:  # pragma: no cover - placeholders have the final length
+                    raise AssertionError("header length changed when filling in the hashes")
+                self._pwrite(header, 8)
+            tmp.fh.flush()
+            os.fsync(tmp.fh.fileno())
+            tmp.fh.close()
+        except OSError as exc:
+            raise self._write_error(exc) from exc
+        self._verify(tmp.path)
+        try:
+            os.replace(tmp.path, self.path)
+        except OSError as exc:
+            raise InvalidFileError(
+                f"{self.path}: cannot move the finished file into place ({exc.strerror or exc})",
+                hint="check the folder's permissions",
+            ) from exc
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        _fsync_dir(self.path.parent)
+        return WriteResult(
+            path=self.path,
+            n_tensors=len(self._layout),
+            data_bytes=self._data_size,
+            file_bytes=self._data_offset + self._data_size,
+            sshs_model_hash=model,
+            sshs_legacy_hash=legacy,
+        )
+
+    def _compute_hashes(self) -> tuple[str, str]:
+        assert self._tmp is not None
+        tmp = self._tmp
+        if self._hashed_upto < self._data_size:
+            start = self._data_offset + self._hashed_upto
+            for chunk in iter_file_range(tmp.fh, start, self._data_size - self._hashed_upto, tmp.path):
+                self._hasher.update(chunk)
+            self._hashed_upto = self._data_size
+        model = self._hasher.hexdigest()
+        layout = list(self._layout.values())
+        prefix = serialize_prefix(layout, ss_metadata(self._user_metadata))
+
+        def read_data(offset: int, length: int) -> bytes:
+            length = max(0, min(length, self._data_size - offset))
+            return b"".join(
+                bytes(c) for c in iter_file_range(tmp.fh, self._data_offset + offset, length, tmp.path)
+            )
+
+        return model, legacy_hash(prefix, read_data)
+
+    def _verify(self, tmp: Path) -> None:
+        """Re-read the finished temporary file's header and check it against the layout."""
+        header = read_header(tmp)
+        expected = [(t.name, t.dtype, t.shape, t.start, t.end) for t in self._layout.values()]
+        got = [(t.name, t.dtype, t.shape, t.start, t.end) for t in header.tensors.values()]
+        if got != expected or header.data_size != self._data_size:  # pragma: no cover - a bug if it happens
+            raise InvalidFileError(
+                f"{self.path}: the written file does not match its plan",
+                hint="this is a bug; please report it",
+            )
+
+    def abort(self) -> None:
+        """Stop writing and remove the temporary file; an existing output is left untouched. Idempotent."""
+        if self._result is not None:
+            return
+        self._aborted = True
+        self._pending = {}
+        if self._tmp is not None:
+            self._tmp.discard()
+        if self._finalizer is not None:
+            self._finalizer.detach()
+
+    @property
+    def temp_path(self) -> Path | None:
+        """The temporary file being written (``None`` before it exists, e.g. unplanned mode before close)."""
+        return None if self._tmp is None else self._tmp.path
+
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            if not self._aborted:
+                self.close()
+        else:
+            self.abort()
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename durable (best effort; not every platform can open a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_file(
+    tensors: Mapping[str, torch.Tensor],
+    path: str | os.PathLike[str],
+    *,
+    metadata: Mapping[str, str] | None = None,
+    overwrite: bool = False,
+    inputs: Iterable[str | os.PathLike[str]] = (),
+    hashes: bool = True,
+) -> WriteResult:
+    """Write ``tensors`` to ``path`` atomically (unplanned mode); see :class:`SafetensorsWriter`."""
+    with SafetensorsWriter(path, metadata=metadata, overwrite=overwrite, inputs=inputs, hashes=hashes) as w:
+        for name, tensor in tensors.items():
+            w.write(name, tensor)
+        return w.close()
