@@ -15,7 +15,9 @@ runner = CliRunner()
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "lorasmith", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "lorasmith", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_help_and_import_do_not_import_torch() -> None:

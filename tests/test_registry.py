@@ -14,8 +14,13 @@ from lorasmith.registry import DEFAULT_PLUGINS, Registry
 
 def _inventory(family: str, keys: dict[str, tuple[int, ...]]) -> Inventory:
     return Inventory(
-        id=f"{family}-test", family=family, variant="v", layout="test", canonical=True,
-        components={"net": ""}, optional=frozenset(),
+        id=f"{family}-test",
+        family=family,
+        variant="v",
+        layout="test",
+        canonical=True,
+        components={"net": ""},
+        optional=frozenset(),
         tensors={k: TensorSpec(s, "F16") for k, s in keys.items()},
     )
 
@@ -111,8 +116,8 @@ def test_block_switch(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_unknown_arch_suggests_nearest() -> None:
     reg = Registry(autoload=False)
     with pytest.raises(UnknownArchError) as err:
-        reg.get("sdx1")
-    assert "sdxl" in (err.value.hint or "")
+        reg.get("fluxx")
+    assert "flux" in (err.value.hint or "")
 
 
 def test_ambiguous_detection_names_candidates() -> None:
@@ -127,6 +132,8 @@ def test_ambiguous_detection_names_candidates() -> None:
 
 
 def test_nothing_matches() -> None:
-    reg = Registry(builtins=[], autoload=False, plugins=[("a", plugin_of(make_family("alpha", {"x.weight": (4, 4)})))])
+    reg = Registry(
+        builtins=[], autoload=False, plugins=[("a", plugin_of(make_family("alpha", {"x.weight": (4, 4)})))]
+    )
     with pytest.raises(DetectionError, match="no known family"):
         reg.detect(SimpleKeyView.from_shapes({"zzz": (1,)}))

@@ -21,7 +21,7 @@ from lorasmith.errors import LorasmithError
 T = TypeVar("T", bound=BaseModel)
 
 stdout = Console(soft_wrap=False, highlight=False)
-stderr = Console(stderr=True, highlight=False)
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def emit(result: T | Sequence[T], as_json: bool, render: Callable[[Console, T], None]) -> None:
@@ -50,6 +50,8 @@ def report_error(exc: LorasmithError) -> None:
     if os.environ.get("LORASMITH_DEBUG"):
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
     # print() with markup off: messages can contain [brackets] from file names and shapes
-    stderr.print(f"error: {exc.message}", markup=False, highlight=False)
+    # plain writes: no markup, no wrapping, one line each whatever the terminal width
+    sys.stderr.write(f"error: {exc.message}\n")
     if exc.hint:
-        stderr.print(f"hint: {exc.hint}", markup=False, highlight=False)
+        sys.stderr.write(f"hint: {exc.hint}\n")
+    sys.stderr.flush()

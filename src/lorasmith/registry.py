@@ -19,7 +19,7 @@ import os
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import pluggy
 
@@ -98,7 +98,8 @@ class Registry:
         except pluggy.PluginValidationError as exc:
             raise PluginError(
                 f"plugin {exc.plugin!r} implements an unknown hook: {exc}",
-                hint=f"fix the hook name, or block it with LORASMITH_BLOCK_PLUGINS={self.pm.get_name(exc.plugin)}",
+                hint="fix the hook name, or block it with "
+                f"LORASMITH_BLOCK_PLUGINS={self.pm.get_name(exc.plugin)}",
             ) from None
         self._archs: dict[str, Architecture] = {}
         self._owner: dict[str, str] = {}
@@ -128,16 +129,18 @@ class Registry:
         for impl in self.pm.hook.lorasmith_register_architectures.get_hookimpls():
             name = impl.plugin_name
             try:
-                classes = impl.function()
+                classes = cast("Iterable[Any]", impl.function() or ())
             except Exception as exc:
                 raise PluginError(
-                    f"plugin {name!r} failed in lorasmith_register_architectures: {type(exc).__name__}: {exc}",
+                    f"plugin {name!r} failed in lorasmith_register_architectures: "
+                    f"{type(exc).__name__}: {exc}",
                     hint=f"block it with LORASMITH_BLOCK_PLUGINS={name}",
                 ) from None
-            for cls in classes or ():
+            for cls in classes:
                 if not (isinstance(cls, type) and issubclass(cls, Architecture)) or not cls.id:
                     raise PluginError(
-                        f"plugin {name!r} registered {cls!r}, which is not an Architecture subclass with an id",
+                        f"plugin {name!r} registered {cls!r}, "
+                        "which is not an Architecture subclass with an id",
                         hint=f"block it with LORASMITH_BLOCK_PLUGINS={name}",
                     )
                 if cls.id in self._archs:
@@ -155,7 +158,9 @@ class Registry:
                 for variant in arch.variants:
                     kwargs = {"arch_id": arch_id, "variant": variant}
                     try:
-                        extra = impl.function(*[kwargs[a] for a in impl.argnames])
+                        extra = cast(
+                            "Iterable[Any] | None", impl.function(*[kwargs[a] for a in impl.argnames])
+                        )
                     except Exception as exc:
                         raise PluginError(
                             f"plugin {impl.plugin_name!r} failed in lorasmith_extra_aliases: {exc}",

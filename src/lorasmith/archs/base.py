@@ -68,7 +68,10 @@ class SimpleKeyView:
 
     @classmethod
     def from_shapes(
-        cls, shapes: Mapping[str, Sequence[int]], dtype: str = "F16", metadata: Mapping[str, str] | None = None
+        cls,
+        shapes: Mapping[str, Sequence[int]],
+        dtype: str = "F16",
+        metadata: Mapping[str, str] | None = None,
     ) -> SimpleKeyView:
         """Build a view from ``{key: shape}``, every tensor of dtype ``dtype``."""
         return cls({k: TensorSpec(tuple(v), dtype) for k, v in shapes.items()}, dict(metadata or {}))
@@ -209,21 +212,60 @@ class Detection:
 
 
 # Prefixes that wrappers put in front of a bare component's keys.
-STRIP_PREFIXES: tuple[str, ...] = ("model.diffusion_model.", "diffusion_model.", "transformer.", "unet.", "model.")
+STRIP_PREFIXES: tuple[str, ...] = (
+    "model.diffusion_model.",
+    "diffusion_model.",
+    "transformer.",
+    "unet.",
+    "model.",
+)
 
 #: LoRA-style tensor suffixes, longest first so that ``.hada_w1_a`` wins over ``.weight``.
 LORA_SUFFIXES: tuple[str, ...] = tuple(
     sorted(
         {
-            ".lora_down.weight", ".lora_up.weight", ".lora_mid.weight", ".alpha", ".dora_scale",
-            ".lora_A.weight", ".lora_B.weight", ".lora_A.default.weight", ".lora_B.default.weight",
-            ".lora_magnitude_vector", ".lora_magnitude_vector.default",
-            "_lora.down.weight", "_lora.up.weight", ".lora.down.weight", ".lora.up.weight",
-            ".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight",
-            ".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".hada_t1", ".hada_t2",
-            ".lokr_w1", ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2", ".lokr_w2_a", ".lokr_w2_b", ".lokr_t2",
-            ".diff", ".diff_b", ".w_norm", ".b_norm", ".oft_blocks", ".oft_diag", ".rescale",
-            ".a1.weight", ".a2.weight", ".b1.weight", ".b2.weight", ".bm.weight",
+            ".lora_down.weight",
+            ".lora_up.weight",
+            ".lora_mid.weight",
+            ".alpha",
+            ".dora_scale",
+            ".lora_A.weight",
+            ".lora_B.weight",
+            ".lora_A.default.weight",
+            ".lora_B.default.weight",
+            ".lora_magnitude_vector",
+            ".lora_magnitude_vector.default",
+            "_lora.down.weight",
+            "_lora.up.weight",
+            ".lora.down.weight",
+            ".lora.up.weight",
+            ".lora_linear_layer.down.weight",
+            ".lora_linear_layer.up.weight",
+            ".hada_w1_a",
+            ".hada_w1_b",
+            ".hada_w2_a",
+            ".hada_w2_b",
+            ".hada_t1",
+            ".hada_t2",
+            ".lokr_w1",
+            ".lokr_w1_a",
+            ".lokr_w1_b",
+            ".lokr_w2",
+            ".lokr_w2_a",
+            ".lokr_w2_b",
+            ".lokr_t2",
+            ".diff",
+            ".diff_b",
+            ".w_norm",
+            ".b_norm",
+            ".oft_blocks",
+            ".oft_diag",
+            ".rescale",
+            ".a1.weight",
+            ".a2.weight",
+            ".b1.weight",
+            ".b2.weight",
+            ".bm.weight",
         },
         key=len,
         reverse=True,
@@ -251,14 +293,14 @@ def lora_modules(keys: Iterable[str]) -> dict[str, dict[str, str]]:
 
 def load_packaged_inventory(package: str, stem: str) -> Inventory:
     """Load ``<stem>.json.gz`` from the ``data`` folder of ``package`` (a plugin's own package)."""
-    ref = resources.files(package).joinpath("data", f"{stem}.json.gz")
+    ref = resources.files(package).joinpath("data").joinpath(f"{stem}.json.gz")
     with ref.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as fh:
         return Inventory.from_json(json.load(fh))
 
 
 def load_packaged_json(package: str, stem: str) -> dict[str, Any]:
     """Load any ``<stem>.json.gz`` data file of ``package`` (key maps and the like)."""
-    ref = resources.files(package).joinpath("data", f"{stem}.json.gz")
+    ref = resources.files(package).joinpath("data").joinpath(f"{stem}.json.gz")
     with ref.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as fh:
         data: dict[str, Any] = json.load(fh)
     return data
@@ -557,7 +599,9 @@ class Architecture:
         }
 
 
-def iter_weight_modules(tensors: Mapping[str, TensorSpec], min_ndim: int = 1) -> Iterator[tuple[str, TensorSpec]]:
+def iter_weight_modules(
+    tensors: Mapping[str, TensorSpec], min_ndim: int = 1
+) -> Iterator[tuple[str, TensorSpec]]:
     """Yield ``(module path, spec)`` for every ``*.weight`` key of at least ``min_ndim`` dimensions."""
     for key, spec in tensors.items():
         if key.endswith(".weight") and len(spec.shape) >= min_ndim:
@@ -565,12 +609,28 @@ def iter_weight_modules(tensors: Mapping[str, TensorSpec], min_ndim: int = 1) ->
 
 
 _TYPE_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("modulation", re.compile(r"(adaLN|_mod\.|\.mod\.|modulation|norm1\.linear|norm1_context\.linear|norm\.linear)")),
+    (
+        "modulation",
+        re.compile(r"(adaLN|_mod\.|\.mod\.|modulation|norm1\.linear|norm1_context\.linear|norm\.linear)"),
+    ),
     ("norm", re.compile(r"(norm|ln_\d|ln_final|layer_norm|\.ln_)")),
-    ("attention", re.compile(r"(attn|attention|self_attn|SelfAttention|EncDecAttention|to_q|to_k|to_v|qkv|in_proj|out_proj)")),
-    ("feed-forward", re.compile(r"(\.ff\.|ff_context|\.mlp|feed_forward|DenseReluDense|linear1|linear2|fc1|fc2|c_fc|c_proj)")),
+    (
+        "attention",
+        re.compile(
+            r"(attn|attention|self_attn|SelfAttention|EncDecAttention|to_q|to_k|to_v|qkv|in_proj|out_proj)"
+        ),
+    ),
+    (
+        "feed-forward",
+        re.compile(
+            r"(\.ff\.|ff_context|\.mlp|feed_forward|DenseReluDense|linear1|linear2|fc1|fc2|c_fc|c_proj)"
+        ),
+    ),
     ("projection", re.compile(r"(proj_in|proj_out|final_layer|conv_in|conv_out|\.out\.)")),
-    ("embedding", re.compile(r"(embed|_in\.|time_in|vector_in|guidance_in|img_in|txt_in|token_embedding|position)")),
+    (
+        "embedding",
+        re.compile(r"(embed|_in\.|time_in|vector_in|guidance_in|img_in|txt_in|token_embedding|position)"),
+    ),
 )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -12,7 +13,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from lorasmith.errors import EXIT_INTERRUPTED, LorasmithError
-from lorasmith.output import report_error, stderr
+from lorasmith.output import report_error
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -48,7 +49,7 @@ def guarded(fn: F) -> F:
         except KeyboardInterrupt:
             if os.environ.get("LORASMITH_DEBUG"):
                 raise
-            stderr.print("error: interrupted; no partial output was left", markup=False)
+            sys.stderr.write("error: interrupted; no partial output was left\n")
             raise typer.Exit(EXIT_INTERRUPTED) from None
         finally:
             signal.signal(signal.SIGTERM, old)

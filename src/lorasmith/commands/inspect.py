@@ -73,8 +73,13 @@ def render(console: Console, r: InspectResult) -> None:
         for m in r.modules:
             tgt = (m.target or "?") + (f" rows {m.slice[1]}:{m.slice[1] + m.slice[2]}" if m.slice else "")
             table.add_row(
-                m.name, m.algo, str(m.rank or "-"), "-" if m.alpha is None else f"{m.alpha:g}",
-                m.spelling or "?", m.block or "-", tgt,
+                m.name,
+                m.algo,
+                str(m.rank or "-"),
+                "-" if m.alpha is None else f"{m.alpha:g}",
+                m.spelling or "?",
+                m.block or "-",
+                tgt,
             )
         console.print(table)
     if r.blocks is not None:
@@ -83,8 +88,14 @@ def render(console: Console, r: InspectResult) -> None:
             table.add_column(col, justify="right" if col not in ("block", "type") else "left")
         for b in r.blocks:
             table.add_row(
-                b.block, b.type, str(b.count), f"{b.mean_rank:g}", f"{b.sv_max:.4g}", f"{b.sv_min:.4g}",
-                "-" if b.ratio is None else f"{b.ratio:.3g}", f"{b.energy_half:.1%}",
+                b.block,
+                b.type,
+                str(b.count),
+                f"{b.mean_rank:g}",
+                f"{b.sv_max:.4g}",
+                f"{b.sv_min:.4g}",
+                "-" if b.ratio is None else f"{b.ratio:.3g}",
+                f"{b.energy_half:.1%}",
             )
         console.print(table)
     for w in r.warnings:
@@ -100,18 +111,26 @@ def command(
         bool, typer.Option("--verify-hash", help="Recompute sshs_model_hash / sshs_legacy_hash and compare.")
     ] = False,
     blocks: Annotated[
-        bool, typer.Option("--blocks", help="Per block group and module type spectra of a LoRA (loads tensors).")
+        bool,
+        typer.Option("--blocks", help="Per block group and module type spectra of a LoRA (loads tensors)."),
     ] = False,
     arch: ArchOpt = None,
     device: DeviceOpt = "cpu",
     quiet: QuietOpt = False,
 ) -> None:
-    """Say what a file is: family, variant, adapter kind, spelling, ranks, alphas, dtypes, metadata, hashes."""
+    """Say what a file is: family, variant, adapter kind, spelling, ranks, alphas, dtypes, metadata."""
     results = []
     with cli_progress(enabled=blocks and not quiet and not as_json) as progress:
         for f in files:
             results.append(
-                inspect_file(f, arch=arch, keys=keys, verify_hash=verify_hash, blocks=blocks, device=device,
-                             progress=progress)
+                inspect_file(
+                    f,
+                    arch=arch,
+                    keys=keys,
+                    verify_hash=verify_hash,
+                    blocks=blocks,
+                    device=device,
+                    progress=progress,
+                )
             )
     emit(results if len(results) > 1 else results[0], as_json, render)

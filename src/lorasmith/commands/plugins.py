@@ -22,7 +22,11 @@ def _render(console: Console, result: PluginsResult) -> None:
         fams.add_column(col)
     for f in result.families:
         fams.add_row(
-            f.id, f.name, ", ".join(f.variants), ", ".join(f.spellings), ", ".join(f.layouts),
+            f.id,
+            f.name,
+            ", ".join(f.variants),
+            ", ".join(f.spellings),
+            ", ".join(f.layouts),
             ", ".join(f.block_notations),
         )
     console.print(fams)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated
 
 import typer
@@ -12,12 +13,14 @@ from lorasmith.errors import NotAvailableError
 _ISSUE_HINT = "this command is planned; see docs/{name}.md for what it will do"
 
 
-def _stub(name: str, summary: str) -> typer.Typer | object:
+def _stub(name: str, summary: str) -> Callable[..., None]:
     @guarded
     def command(
         args: Annotated[list[str] | None, typer.Argument(help="Arguments (not used yet).")] = None,
     ) -> None:
-        raise NotAvailableError(f"`lorasmith {name}` is not available yet", hint=_ISSUE_HINT.format(name=name))
+        raise NotAvailableError(
+            f"`lorasmith {name}` is not available yet", hint=_ISSUE_HINT.format(name=name)
+        )
 
     command.__doc__ = f"{summary} (not available yet)."
     return command

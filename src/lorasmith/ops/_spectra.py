@@ -29,15 +29,16 @@ def module_singular_values(module: object, device: torch.device) -> torch.Tensor
     assert isinstance(module, AdapterModule)
     low = module.lowrank()
     if low is not None:
-        up, down = low.fold()
+        flat = low.fold()
         svd = factorized_svd(
-            up.to(device, torch.float32), down.to(device, torch.float32), scale=float(low.scale)
+            flat.up.to(device, torch.float32), flat.down.to(device, torch.float32), scale=float(flat.scale)
         )
         return svd.S.cpu()
     if module.needs_base:
         return None
     delta = module.delta().to(device, torch.float32)
-    return torch.linalg.svdvals(delta.reshape(delta.shape[0], -1)).cpu()
+    values: torch.Tensor = torch.linalg.svdvals(delta.reshape(delta.shape[0], -1)).cpu()
+    return values
 
 
 def block_spectra(
@@ -57,6 +58,8 @@ def block_spectra(
     with open_tensors(header.path) as tf:
         for i, (name, suffix_keys) in enumerate(sorted(modules.items())):
             row = by_name[name]
+            if row.algo == "invalid":
+                continue
             module = parse_module(name, {s: tf.get(k) for s, k in suffix_keys.items()})
             s = module_singular_values(module, dev)
             progress(ProgressEvent("spectra", i + 1, len(modules), name))

@@ -17,7 +17,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from lorasmith.archs.base import Architecture, Detection, lora_modules
-from lorasmith.errors import DetectionError
+from lorasmith.errors import AdapterError, DetectionError
 from lorasmith.io.header import Header, TensorInfo, read_header
 from lorasmith.progress import ProgressCallback, ProgressEvent, noop
 from lorasmith.registry import get_registry
@@ -210,7 +210,9 @@ def inspect_file(
         dtypes=dict(sorted(dtypes.items())),
         metadata={k: _short(v, 2000) for k, v in metadata.items()},
         training=_training_view(metadata),
-        modelspec={k.removeprefix("modelspec."): _short(v) for k, v in metadata.items() if k.startswith("modelspec.")},
+        modelspec={
+            k.removeprefix("modelspec."): _short(v) for k, v in metadata.items() if k.startswith("modelspec.")
+        },
         hashes=HashInfo(
             sshs_model_hash=metadata.get("sshs_model_hash"),
             sshs_legacy_hash=metadata.get("sshs_legacy_hash"),
@@ -225,7 +227,11 @@ def inspect_file(
 
     modules = lora_modules(header.tensors)
     if modules:
-        rows = _module_rows(header, modules, family, det.variant if det else None)
+        problems: list[str] = []
+        rows = _module_rows(header, modules, family, det.variant if det else None, problems)
+        warnings.extend(problems[:10])
+        if len(problems) > 10:
+            warnings.append(f"... and {len(problems) - 10} more invalid modules")
         result.lora = _lora_summary(header, rows)
         if result.lora.unresolved:
             warnings.append(
@@ -266,12 +272,17 @@ def inspect_file(
             result.hashes.status = "match" if ok else "mismatch"
             if not ok:
                 warnings.append("stored sshs hashes do not match the file's tensors")
+    result.warnings = warnings  # pydantic copied the list at construction
     progress(ProgressEvent("inspect", 1, 1, str(path)))
     return result
 
 
 def _module_rows(
-    header: Header, modules: Mapping[str, Mapping[str, str]], family: Architecture | None, variant: str | None
+    header: Header,
+    modules: Mapping[str, Mapping[str, str]],
+    family: Architecture | None,
+    variant: str | None,
+    problems: list[str],
 ) -> list[ModuleRow]:
     from lorasmith.adapters.summary import module_summary
 
@@ -282,16 +293,23 @@ def _module_rows(
     rows = []
     for name, suffix_keys in sorted(modules.items()):
         shapes = {
-            suffix: (header.tensors[key].shape, header.tensors[key].dtype) for suffix, key in suffix_keys.items()
+            suffix: (header.tensors[key].shape, header.tensors[key].dtype)
+            for suffix, key in suffix_keys.items()
         }
-        summary = module_summary(name, shapes)
+        algo: str
+        try:
+            summary = module_summary(name, shapes)
+            algo, rank = summary.algo, summary.rank
+        except AdapterError as exc:
+            algo, rank = "invalid", None
+            problems.append(exc.message)
         alias = table.get(name)
         alpha = alphas.get(suffix_keys[".alpha"]) if ".alpha" in suffix_keys else None
         rows.append(
             ModuleRow(
                 name=name,
-                algo=summary.algo,
-                rank=summary.rank,
+                algo=algo,
+                rank=rank,
                 alpha=None if alpha is None or math.isnan(alpha) else alpha,
                 spelling=alias.spelling if alias else None,
                 component=alias.component if alias else None,
