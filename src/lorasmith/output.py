@@ -20,7 +20,7 @@ from lorasmith.errors import LorasmithError
 
 T = TypeVar("T", bound=BaseModel)
 
-stdout = Console(soft_wrap=False, highlight=False)
+stdout = Console(soft_wrap=True, highlight=False)
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 

@@ -273,9 +273,20 @@ LORA_SUFFIXES: tuple[str, ...] = tuple(
 )
 
 
+def _suffix_index() -> dict[str, tuple[str, ...]]:
+    # bucket the suffixes by their last 5 characters (every suffix has at least 5), longest first
+    index: dict[str, list[str]] = {}
+    for suffix in LORA_SUFFIXES:
+        index.setdefault(suffix[-5:], []).append(suffix)
+    return {k: tuple(v) for k, v in index.items()}
+
+
+_SUFFIX_INDEX = _suffix_index()
+
+
 def split_lora_key(key: str) -> tuple[str, str] | None:
     """Split a LoRA tensor key into ``(module name, suffix)``; ``None`` if it has no LoRA suffix."""
-    for suffix in LORA_SUFFIXES:
+    for suffix in _SUFFIX_INDEX.get(key[-5:], ()):
         if key.endswith(suffix) and len(key) > len(suffix):
             return key[: -len(suffix)], suffix
     return None

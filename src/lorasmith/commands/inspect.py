@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from lorasmith.commands._common import ArchOpt, DeviceOpt, JsonOpt, QuietOpt, guarded
@@ -31,9 +32,9 @@ def _counts(d: dict[str, int]) -> str:
 def render(console: Console, r: InspectResult) -> None:
     """Human-readable rendering of one :class:`InspectResult`."""
     console.print(f"[bold]{r.path}[/]  ({_size(r.file_bytes)})")
-    fam = f"{r.arch_name} [{r.arch}]" if r.arch else "unknown"
+    fam = f"{r.arch_name} ({r.arch})" if r.arch else "unknown"
     console.print(f"  kind        {r.kind}")
-    console.print(f"  family      {fam}" + (f", variant {r.variant}" if r.variant else ""))
+    console.print(f"  family      {fam}" + (f", variant {r.variant}" if r.variant else ""), markup=False)
     console.print(f"  confidence  {r.confidence:.0%} — {r.reason}", markup=False)
     if r.layout:
         console.print(f"  layout      {r.layout}")
@@ -99,7 +100,7 @@ def render(console: Console, r: InspectResult) -> None:
             )
         console.print(table)
     for w in r.warnings:
-        console.print(f"  [yellow]warning:[/] {w}")
+        console.print("  [yellow]warning:[/] " + escape(w))
 
 
 @guarded

@@ -242,7 +242,8 @@ def inspect_file(
         if result.lora.comfyui_unloaded:
             warnings.append(
                 f"{len(result.lora.comfyui_unloaded)} LoRA modules use a spelling ComfyUI does not load "
-                f"('lora key not loaded'); convert with `lorasmith convert --to comfy`"
+                f"('lora key not loaded'); {family.name if family else 'the family'} needs the "
+                f"'{family.spellings[0] if family else 'kohya'}' spelling there"
             )
         if keys:
             result.modules = rows
