@@ -21,7 +21,7 @@ import json
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol
@@ -284,6 +284,7 @@ def _suffix_index() -> dict[str, tuple[str, ...]]:
 _SUFFIX_INDEX = _suffix_index()
 
 
+@lru_cache(maxsize=1 << 16)
 def split_lora_key(key: str) -> tuple[str, str] | None:
     """Split a LoRA tensor key into ``(module name, suffix)``; ``None`` if it has no LoRA suffix."""
     for suffix in _SUFFIX_INDEX.get(key[-5:], ()):
@@ -432,16 +433,23 @@ class Architecture:
         self._extra_aliases.extend((a, source) for a in aliases)
         self._alias_cache.clear()
 
-    @staticmethod
-    def _add(table: dict[str, Alias], alias: Alias, source: str) -> None:
+    def _add(self, table: dict[str, Alias], alias: Alias, source: str) -> None:
         old = table.get(alias.name)
         if old is not None and old.target != alias.target:
+            first = self._alias_sources.get(alias.name, type(self).__name__)
             raise PluginError(
-                f"alias conflict: {alias.name!r} maps to {old.target} and to {alias.target} (from {source})",
+                f"alias conflict in family {self.id!r}: {alias.name!r} maps to {old.target} (from {first}) "
+                f"and to {alias.target} (from {source})",
                 hint="two plugins claim the same LoRA key; block one with LORASMITH_BLOCK_PLUGINS",
             )
         if old is None:
             table[alias.name] = alias
+            if source != type(self).__name__:
+                self._alias_sources[alias.name] = source
+
+    @cached_property
+    def _alias_sources(self) -> dict[str, str]:
+        return {}
 
     def aliases(self, variant: str | None = None, spelling: str | None = None) -> list[Alias]:
         """Every alias of ``variant``, optionally only those of one spelling."""
