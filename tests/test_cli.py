@@ -47,12 +47,19 @@ def test_plugins_lists_builtins_as_json() -> None:
     assert all(p["version"] for p in data["plugins"])
 
 
-@pytest.mark.parametrize("name", ["cache"])
-def test_stub_commands_say_not_available(name: str) -> None:
-    proc = _run(name, "x")
-    assert proc.returncode == 1
-    assert "not available yet" in proc.stderr
-    assert "Traceback" not in proc.stderr
+def test_stub_commands_say_not_available() -> None:
+    import importlib.util
+
+    from lorasmith.cli import COMMANDS
+
+    missing = [n for n in COMMANDS if importlib.util.find_spec(f"lorasmith.commands.{n}") is None]
+    if not missing:
+        pytest.skip("every command is implemented")
+    for name in missing:
+        proc = _run(name, "x")
+        assert proc.returncode == 1
+        assert "not available yet" in proc.stderr
+        assert "Traceback" not in proc.stderr
 
 
 def test_unknown_option_is_usage_error() -> None:

@@ -6,14 +6,14 @@ import inspect
 from pathlib import Path
 
 from lorasmith import hookspecs
-from lorasmith.commands.stubs import STUBS
+from lorasmith.cli import COMMANDS
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 
 
 def test_every_command_has_a_page() -> None:
-    for name in [*STUBS, "inspect", "plugins"]:
+    for name in COMMANDS:
         page = DOCS / f"{name}.md"
         assert page.is_file(), f"docs/{name}.md is missing"
         assert f"lorasmith {name}" in page.read_text()

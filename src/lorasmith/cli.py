@@ -5,13 +5,13 @@ Importing this module must stay cheap: no torch here or in the command modules' 
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 from typing import Annotated
 
 import typer
 
 from lorasmith import __version__
-from lorasmith.commands import inspect as inspect_cmd
-from lorasmith.commands import plugins as plugins_cmd
 from lorasmith.commands import stubs
 
 app = typer.Typer(
@@ -39,9 +39,26 @@ def root(
     """Inspect, merge, resize, extract, convert and cache diffusion-model LoRAs and checkpoints."""
 
 
-app.command("inspect")(inspect_cmd.command)
-app.command("plugins")(plugins_cmd.command)
-stubs.register(app, available={"inspect", "plugins"})
+#: Subcommands in help order; each is the module ``lorasmith.commands.<name>`` with a ``command`` function.
+#: A command whose module does not exist yet is registered as a stub that says so and exits 1.
+COMMANDS: tuple[str, ...] = ("inspect", "merge", "resize", "extract", "convert", "cache", "plugins")
+
+
+def _register() -> None:
+    for name in COMMANDS:
+        modname = f"lorasmith.commands.{name}"
+        if importlib.util.find_spec(modname) is None:
+            stubs.register_one(app, name)
+            continue
+        module = importlib.import_module(modname)
+        spec = getattr(module, "COMMAND", None)
+        if isinstance(spec, typer.Typer):  # a command group (``cache latents|text|norms``)
+            app.add_typer(spec, name=name)
+        else:
+            app.command(name)(module.command)
+
+
+_register()
 
 
 def main() -> None:

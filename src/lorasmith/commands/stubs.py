@@ -26,14 +26,12 @@ def _stub(name: str, summary: str) -> Callable[..., None]:
     return command
 
 
-def register(app: typer.Typer, available: set[str]) -> None:
-    """Add a stub for every command in ``STUBS`` that ``available`` does not provide."""
-    for name, summary in STUBS.items():
-        if name not in available:
-            app.command(
-                name,
-                context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-            )(_stub(name, summary))
+def register_one(app: typer.Typer, name: str) -> None:
+    """Add the stub of the planned command ``name``."""
+    app.command(
+        name,
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    )(_stub(name, STUBS[name]))
 
 
 STUBS: dict[str, str] = {
