@@ -1,0 +1,379 @@
+"""Streaming checkpoint paths of merge: bake LoRAs into a checkpoint, and checkpoint + checkpoint merges.
+
+Both read one tensor at a time (:func:`lorasmith.io.reader.open_tensors`) and write through a planned
+:class:`~lorasmith.io.writer.SafetensorsWriter` whose plan comes from the first checkpoint's header, so the
+peak memory is a few tensors whatever the model size. Internal to :mod:`lorasmith.ops.merge`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lorasmith.adapters.base import AdapterModule
+from lorasmith.archs.base import STRIP_PREFIXES, Architecture
+from lorasmith.errors import AdapterError, ArchMismatchError, LorasmithError, ShapeMismatchError
+from lorasmith.io.dtypes import safetensors_dtype
+from lorasmith.io.header import Header, read_header
+from lorasmith.io.reader import open_tensors
+from lorasmith.io.writer import SafetensorsWriter, WriteResult
+from lorasmith.ops._merge_lora import LoadedLora, check_same_family, merged_metadata
+from lorasmith.ops.blocks import BlockWeights
+from lorasmith.progress import ProgressCallback, ProgressEvent
+from lorasmith.registry import get_registry
+
+__all__ = ["CkptOutcome", "bake", "merge_checkpoints"]
+
+_FLOATS = frozenset({"F64", "F32", "F16", "BF16"})
+
+
+@dataclass
+class CkptOutcome:
+    """What a streaming path did."""
+
+    tensors: int
+    changed: int
+    unmatched: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    notation: str | None = None
+    write: WriteResult | None = None
+
+
+def _plan(header: Header, save: str | None) -> dict[str, tuple[str, tuple[int, ...]]]:
+    return {
+        name: (save if (save is not None and info.dtype in _FLOATS) else info.dtype, tuple(info.shape))
+        for name, info in header.tensors.items()
+    }
+
+
+def _key_index(header: Header) -> dict[str, str]:
+    """Canonical key -> file key, for files whose keys carry a wrapper prefix (or lack one)."""
+    index: dict[str, str] = {}
+    for name in header.tensors:
+        index.setdefault(name, name)
+        for prefix in STRIP_PREFIXES:
+            if name.startswith(prefix):
+                index.setdefault(name[len(prefix) :], name)
+    return index
+
+
+def _fit_slice(sl: tuple[int, int, int], real: int | None, actual: int, name: str) -> tuple[int, int, int]:
+    """Map a slice of the real weight onto this file's weight (the same slice, or scaled when shrunk)."""
+    dim, start, length = sl
+    if real is None or real == actual:
+        return sl
+    if real % actual == 0 and start % (real // actual) == 0 and length % (real // actual) == 0:
+        f = real // actual
+        return (dim, start // f, length // f)
+    raise ShapeMismatchError(
+        f"module {name!r}: its rows {start}:{start + length} of a fused weight of {real} rows do not fit "
+        f"the checkpoint's {actual} rows",
+        hint="the LoRA was made for another model of the family",
+    )
+
+
+def _detect_ckpt(path: Path, header: Header, arch: str | None) -> tuple[Architecture, str | None]:
+    det = get_registry().detect(header, arch=arch, source=str(path))
+    if det.kind == "lora":
+        raise LorasmithError(
+            f"{path}: is a LoRA, not a checkpoint", hint="give LoRAs as positional arguments"
+        )
+    return get_registry().get(det.arch), det.variant
+
+
+@dataclass
+class _Job:
+    module: AdapterModule
+    ratio: float
+    slice: tuple[int, int, int] | None
+    source: str
+
+
+def bake(
+    base: Path,
+    loras: Sequence[LoadedLora],
+    output: Path,
+    *,
+    arch: str | None,
+    blocks_spec: str | None,
+    compute: torch.dtype,
+    save_dtype: torch.dtype | None,
+    strict: bool,
+    overwrite: bool,
+    progress: ProgressCallback,
+) -> CkptOutcome:
+    """Fold LoRAs into ``base``: ``W' = W + sum_i w_i * b(key) * dW_i`` (DoRA/OFT/GLoRA via ``apply``)."""
+    from lorasmith.ops.blocks import parse_blocks
+
+    header = read_header(base)
+    family, variant = _detect_ckpt(base, header, arch)
+    check_same_family(loras)
+    if loras and loras[0].detection.arch != family.id:
+        raise ArchMismatchError(
+            f"{loras[0].path.name} is a {loras[0].detection.arch} LoRA, {base.name} a {family.id} checkpoint",
+            hint="bake a LoRA into a checkpoint of its own family",
+        )
+    blocks: BlockWeights | None = parse_blocks(blocks_spec, family) if blocks_spec else None
+    index = _key_index(header)
+    inventory = family.canonical_inventory(variant)
+    jobs: dict[str, list[_Job]] = {}
+    bias_jobs: dict[str, list[_Job]] = {}
+    unmatched: list[str] = []
+    for lora in loras:
+        for name, mod in lora.modules.items():
+            alias = lora.aliases.get(name)
+            file_key = index.get(alias.target.key) if alias is not None else None
+            if alias is None or file_key is None:
+                unmatched.append(f"{lora.path.name}: {name}")
+                continue
+            info = header.tensors[file_key]
+            sl = alias.target.slice
+            if sl is not None:
+                spec = inventory.tensors.get(alias.target.key)
+                real = spec.shape[sl[0]] if spec is not None else None
+                sl = _fit_slice(sl, real, int(info.shape[sl[0]]), name)
+            bw = blocks.weight(family, alias.target.key) if blocks is not None else 1.0
+            job = _Job(mod, lora.ratio * bw, sl, f"{lora.path.name}: {name}")
+            jobs.setdefault(file_key, []).append(job)
+            if mod.bias is not None and file_key.endswith(".weight"):
+                bkey = file_key[: -len("weight")] + "bias"
+                if bkey in header.tensors:
+                    bias_jobs.setdefault(bkey, []).append(job)
+    if unmatched and strict:
+        raise LorasmithError(
+            f"{len(unmatched)} LoRA module(s) match no weight of {base.name}, e.g. {unmatched[0]}",
+            hint="drop --strict to skip them, or check that the LoRA is for this model",
+        )
+    save = safetensors_dtype(save_dtype) if save_dtype is not None else None
+    meta = merged_metadata(
+        [(base, None, dict(header.metadata))] + [(lr.path, lr.ratio, lr.metadata) for lr in loras],
+        keep_ss=False,
+    )
+    writer = SafetensorsWriter(
+        output,
+        metadata=meta,
+        overwrite=overwrite,
+        inputs=[base, *(lr.path for lr in loras)],
+        plan=_plan(header, save),
+    )
+    changed = 0
+    total = len(header.tensors)
+    try:
+        with open_tensors(base) as f:
+            for done, name in enumerate(header.tensors, 1):
+                t = f.get(name)
+                todo = jobs.get(name, []) + bias_jobs.get(name, [])
+                if todo:
+                    out_dtype = t.dtype
+                    w = t.to(compute)
+                    for job in jobs.get(name, []):
+                        part = w if job.slice is None else w.narrow(*job.slice)
+                        try:
+                            new = job.module.apply(part, job.ratio, dtype=compute)
+                        except AdapterError as exc:
+                            raise AdapterError(f"{job.source}: {exc.message}", hint=exc.hint) from None
+                        part.copy_(new.reshape(part.shape))
+                    for job in bias_jobs.get(name, []):
+                        bd = job.module.bias_delta(compute)
+                        if bd is not None:
+                            w += job.ratio * bd.reshape(w.shape)
+                    t = w.to(out_dtype)
+                    changed += 1
+                if save_dtype is not None and t.is_floating_point():
+                    t = t.to(save_dtype)
+                writer.write(name, t)
+                progress(ProgressEvent("baking", done, total, name))
+        result = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    return CkptOutcome(
+        tensors=total,
+        changed=changed,
+        unmatched=unmatched,
+        notation=blocks.notation if blocks else None,
+        write=result,
+    )
+
+
+# ------------------------------------------------------------------------------------ checkpoint merges
+def _dare_generator(seed: int, name: str, index: int) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}:{index}:{name}".encode()).digest()
+    gen = torch.Generator()
+    gen.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return gen
+
+
+def _trim(t: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the ``ceil(density * n)`` entries of largest magnitude (ties at the threshold kept)."""
+    n = t.numel()
+    k = math.ceil(density * n)
+    if k >= n:
+        return t
+    if k <= 0:
+        return torch.zeros_like(t)
+    mag = t.abs().reshape(-1)
+    thr = mag.kthvalue(n - k + 1).values
+    return torch.where(t.abs() >= thr, t, torch.zeros_like(t))
+
+
+def combine(
+    method: str,
+    tensors: Sequence[torch.Tensor],
+    ratios: Sequence[float],
+    *,
+    name: str,
+    density: float,
+    drop: float,
+    lam: float,
+    seed: int,
+    block: float,
+) -> torch.Tensor:
+    """One tensor of a checkpoint merge, in the compute dtype of ``tensors`` (see ``docs/merge.md``).
+
+    ``block`` scales the change against the first model: ``A + block * (merged - A)``.
+    """
+    a = tensors[0]
+    if method == "weighted-sum":
+        merged = sum((r * t for r, t in zip(ratios, tensors, strict=True)), torch.zeros_like(a))
+    elif method == "add-difference":
+        merged = a + ratios[1] * (tensors[1] - tensors[2])
+    elif method == "ties":
+        taus = [(_trim(t - a, density), w) for t, w in zip(tensors[1:], ratios[1:], strict=True)]
+        weighted = [w * tau for tau, w in taus]
+        elected = torch.sign(sum(weighted, torch.zeros_like(a)))
+        num = torch.zeros_like(a)
+        den = torch.zeros_like(a)
+        for (tau, w), wt in zip(taus, weighted, strict=True):
+            agree = (torch.sign(tau) == elected) & (tau != 0)
+            num += torch.where(agree, wt, torch.zeros_like(wt))
+            den += torch.where(agree, torch.full_like(wt, w), torch.zeros_like(wt))
+        tau_m = torch.where(den != 0, num / torch.where(den != 0, den, torch.ones_like(den)), den)
+        merged = a + lam * tau_m
+    elif method == "dare":
+        keep = 1.0 - drop
+        total = torch.zeros_like(a)
+        for i, (t, w) in enumerate(zip(tensors[1:], ratios[1:], strict=True), 1):
+            tau = t - a
+            if keep <= 0.0:
+                continue
+            mask = torch.rand(tau.shape, generator=_dare_generator(seed, name, i)) < keep
+            total += w * torch.where(mask, tau / keep, torch.zeros_like(tau))
+        merged = a + lam * total
+    else:  # pragma: no cover - validated by the caller
+        raise LorasmithError(f"unknown merge method {method!r}")
+    if block != 1.0:
+        merged = a + block * (merged - a)
+    return merged
+
+
+def merge_checkpoints(
+    models: Sequence[tuple[Path, float]],
+    output: Path,
+    *,
+    method: str,
+    arch: str | None,
+    blocks_spec: str | None,
+    unet_only: bool,
+    density: float,
+    drop: float,
+    lam: float,
+    seed: int,
+    compute: torch.dtype,
+    save_dtype: torch.dtype | None,
+    overwrite: bool,
+    progress: ProgressCallback,
+) -> CkptOutcome:
+    """Merge checkpoints tensor by tensor (weighted sum, add difference, TIES, DARE)."""
+    from lorasmith.ops.blocks import parse_blocks
+
+    headers = [read_header(p) for p, _ in models]
+    fams = [_detect_ckpt(p, h, arch) for (p, _), h in zip(models, headers, strict=True)]
+    family, variant = fams[0]
+    for (p, _), (fam, _) in zip(models[1:], fams[1:], strict=True):
+        if fam.id != family.id:
+            raise ArchMismatchError(
+                f"checkpoints of different families: {models[0][0].name} is {family.id}, "
+                f"{p.name} is {fam.id}",
+                hint="merge only checkpoints of one family",
+            )
+    blocks = parse_blocks(blocks_spec, family) if blocks_spec else None
+    first = headers[0]
+    index = _key_index(first)
+    canonical_of = {v: k for k, v in index.items() if k != v}
+    inventory = family.canonical_inventory(variant)
+    main = "unet" if "unet" in inventory.components else "transformer"
+
+    def merged_key(name: str) -> bool:
+        if not unet_only:
+            return True
+        comp = inventory.component_of(canonical_of.get(name, name))
+        return comp is None or comp == main
+
+    for (p, _), h in zip(models[1:], headers[1:], strict=True):
+        for name, info in first.tensors.items():
+            if not merged_key(name):
+                continue
+            other = h.tensors.get(name)
+            if other is None:
+                raise ShapeMismatchError(
+                    f"{p.name}: missing tensor {name!r} that {models[0][0].name} has",
+                    hint="merge checkpoints of the same layout (convert first), or use --unet-only",
+                )
+            if tuple(other.shape) != tuple(info.shape):
+                raise ShapeMismatchError(
+                    f"{name}: shape {list(other.shape)} in {p.name}, "
+                    f"{list(info.shape)} in {models[0][0].name}",
+                    hint="the checkpoints are different models (variants) of the family",
+                )
+    save = safetensors_dtype(save_dtype) if save_dtype is not None else None
+    meta = merged_metadata(
+        [(p, r, dict(h.metadata)) for (p, r), h in zip(models, headers, strict=True)], keep_ss=False
+    )
+    meta["lorasmith.merge.method"] = method
+    writer = SafetensorsWriter(
+        output, metadata=meta, overwrite=overwrite, inputs=[p for p, _ in models], plan=_plan(first, save)
+    )
+    ratios = [r for _, r in models]
+    changed = 0
+    total = len(first.tensors)
+    try:
+        with ExitStack() as stack:
+            files = [stack.enter_context(open_tensors(p)) for p, _ in models]
+            for done, name in enumerate(first.tensors, 1):
+                t0 = files[0].get(name)
+                if merged_key(name) and t0.is_floating_point():
+                    ts = [t0.to(compute)] + [f.get(name).to(compute) for f in files[1:]]
+                    bw = blocks.weight(family, canonical_of.get(name, name)) if blocks else 1.0
+                    out = combine(
+                        method,
+                        ts,
+                        ratios,
+                        name=name,
+                        density=density,
+                        drop=drop,
+                        lam=lam,
+                        seed=seed,
+                        block=bw,
+                    )
+                    del ts
+                    t = out.to(save_dtype or t0.dtype)
+                    changed += 1
+                else:
+                    t = t0.to(save_dtype) if (save_dtype is not None and t0.is_floating_point()) else t0
+                writer.write(name, t)
+                del t, t0
+                progress(ProgressEvent("merging", done, total, name))
+        result = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    return CkptOutcome(
+        tensors=total, changed=changed, notation=blocks.notation if blocks else None, write=result
+    )
