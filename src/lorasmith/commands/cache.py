@@ -1,0 +1,210 @@
+"""``lorasmith cache``: latent caches for trainers; the base-norm cache (``norms``, ``info``, ``clear``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from lorasmith.commands._common import ArchOpt, DeviceOpt, JsonOpt, OverwriteOpt, QuietOpt, guarded
+from lorasmith.output import emit
+from lorasmith.progress import cli_progress
+
+if TYPE_CHECKING:
+    from lorasmith.ops.cache.latents import LatentsCacheResult
+    from lorasmith.ops.cache.norms import NormsCacheInfo, NormsCacheResult, NormsClearResult
+
+COMMAND = typer.Typer(
+    name="cache",
+    help="Write the caches trainers read: VAE latents, text-encoder outputs, base-weight norms.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+
+ModelOpt = Annotated[
+    Path, typer.Option("--model", help="Checkpoint whose VAE / text encoders are used.", dir_okay=False)
+]
+DatasetOpt = Annotated[
+    Path | None, typer.Option("--dataset", help="Folder of training images (and its immediate subfolders).")
+]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--dataset-config", help="sd-scripts / musubi-tuner dataset TOML.", dir_okay=False),
+]
+
+
+def render_latents(console: Console, r: LatentsCacheResult) -> None:
+    """Human-readable summary of a latent caching run."""
+    for it in r.items:
+        if it.status == "failed":
+            console.print(f"[red]failed[/] {escape(it.image)}: {escape(it.error or '')}")
+    scaled = f"scaled x{r.scaling_factor:g}" + (f", shifted {r.shift_factor:g}" if r.shift_factor else "")
+    console.print(
+        f"{r.arch}: {r.images} images, {r.written} written, {r.skipped} skipped (valid), {r.failed} failed"
+    )
+    console.print(
+        f"  format   {r.cache_format}; latents {scaled if r.stores_scaled else 'unscaled'}", markup=False
+    )
+    if r.buckets:
+        console.print("  buckets  " + ", ".join(f"{k}: {v}" for k, v in r.buckets.items()), markup=False)
+
+
+@COMMAND.command("latents")
+@guarded
+def latents(
+    model: ModelOpt,
+    dataset: DatasetOpt = None,
+    dataset_config: ConfigOpt = None,
+    resolution: Annotated[
+        str | None, typer.Option("--resolution", help="W or W,H (default: the family's training size).")
+    ] = None,
+    enable_bucket: Annotated[
+        bool, typer.Option("--enable-bucket", help="Bucket images by aspect ratio.")
+    ] = False,
+    min_bucket_reso: Annotated[int, typer.Option("--min-bucket-reso", help="Smallest bucket side.")] = 256,
+    max_bucket_reso: Annotated[int, typer.Option("--max-bucket-reso", help="Largest bucket side.")] = 1024,
+    bucket_reso_steps: Annotated[
+        int | None, typer.Option("--bucket-reso-steps", help="Bucket step (default 64; 16 for Z-Image).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per VAE call.")] = 1,
+    flip: Annotated[bool, typer.Option("--flip", help="Also cache the flipped image (flip_aug).")] = False,
+    alpha_mask: Annotated[bool, typer.Option("--alpha-mask", help="Also store the alpha channel.")] = False,
+    vae: Annotated[
+        Path | None,
+        typer.Option("--vae", help="Take the VAE from this file instead of --model.", dir_okay=False),
+    ] = None,
+    skip_existing: Annotated[
+        bool, typer.Option("--skip-existing/--no-skip-existing", help="Leave valid caches as they are.")
+    ] = True,
+    latent_dist: Annotated[
+        str, typer.Option("--latent-dist", help="sample (as the trainers) or mean of the VAE posterior.")
+    ] = "sample",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the latent sampling noise.")] = 0,
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="VAE compute dtype: float32, float16, bfloat16.")
+    ] = "float32",
+    device: DeviceOpt = "cpu",
+    arch: ArchOpt = None,
+    overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """VAE-encode training images into .npz caches next to them, named as sd-scripts expects.
+
+    Exit code 1 when some images failed (each is listed); the others are cached.
+    """
+    from lorasmith.ops.cache.latents import cache_latents
+
+    with cli_progress(enabled=not quiet and not as_json) as progress:
+        result = cache_latents(
+            model,
+            dataset=dataset,
+            dataset_config=dataset_config,
+            arch=arch,
+            vae=vae,
+            resolution=resolution,
+            enable_bucket=enable_bucket,
+            min_bucket_reso=min_bucket_reso,
+            max_bucket_reso=max_bucket_reso,
+            bucket_reso_steps=bucket_reso_steps,
+            batch_size=batch_size,
+            flip=flip,
+            alpha_mask=alpha_mask,
+            skip_existing=skip_existing,
+            overwrite=overwrite,
+            device=device,
+            dtype=dtype,
+            latent_dist=latent_dist,  # type: ignore[arg-type]
+            seed=seed,
+            progress=progress,
+        )
+    emit(result, as_json, render_latents)
+    if result.failed:
+        raise typer.Exit(1)
+
+
+CacheDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--cache-dir",
+        help="Norms cache folder (default: $LORASMITH_CACHE_DIR/norms or ~/.cache).",
+        file_okay=False,
+    ),
+]
+
+
+def _render_norms(console: Console, r: NormsCacheResult) -> None:
+    console.print(
+        f"{r.base}: {r.weights} weights ({r.arch or 'every weight'}), {r.hits} cached, {r.computed} computed",
+        markup=False,
+    )
+    console.print(f"  cache  {r.cache_file or '-'}", markup=False)
+
+
+@COMMAND.command("norms")
+@guarded
+def norms(
+    base: Annotated[Path, typer.Option("--base", help="Base checkpoint.", dir_okay=False)],
+    cache_dir: CacheDirOpt = None,
+    device: DeviceOpt = "auto",
+    arch: ArchOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Compute the base-weight norms that resize recipes use (spn_ckpt, fro_ckpt) and cache them."""
+    from lorasmith.ops.cache.norms import cache_base_norms
+
+    with cli_progress(enabled=not quiet and not as_json) as progress:
+        result = cache_base_norms(base, arch=arch, device=device, cache_dir=cache_dir, progress=progress)
+    emit(result, as_json, _render_norms)
+
+
+def _render_info(console: Console, r: NormsCacheInfo) -> None:
+    console.print(f"norms cache {r.folder}: {len(r.files)} files, {r.bytes} bytes", markup=False)
+    for f in r.files:
+        console.print(f"  {f.identity[:16]}  {f.entries:6d} weights  {f.source or '-'}", markup=False)
+
+
+@COMMAND.command("info")
+@guarded
+def info(cache_dir: CacheDirOpt = None, as_json: JsonOpt = False) -> None:
+    """List the base-norm cache files."""
+    from lorasmith.ops.cache.norms import norms_cache_info
+
+    emit(norms_cache_info(cache_dir), as_json, _render_info)
+
+
+def _render_clear(console: Console, r: NormsClearResult) -> None:
+    console.print(f"removed {r.removed} norms cache files from {r.folder}", markup=False)
+
+
+@COMMAND.command("clear")
+@guarded
+def clear(
+    base: Annotated[
+        list[Path] | None, typer.Option("--base", help="Only the cache of this checkpoint (repeatable).")
+    ] = None,
+    cache_dir: CacheDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove the base-norm cache (all of it, or that of --base files)."""
+    from lorasmith.ops.cache.norms import clear_norms_cache
+
+    emit(clear_norms_cache(cache_dir, list(base) if base else None), as_json, _render_clear)
+
+
+@COMMAND.command("text")
+@guarded
+def text(
+    model: Annotated[Path | None, typer.Option("--model", help="Checkpoint with the text encoders.")] = None,
+) -> None:
+    """Text-encoder outputs for the trainers (not available yet)."""
+    from lorasmith.errors import NotAvailableError
+
+    raise NotAvailableError(
+        "lorasmith cache text is not available yet",
+        hint="cache text-encoder outputs with the trainer's own script for now",
+    )

@@ -1,0 +1,247 @@
+"""Inputs and scratch storage of ``extract``: checkpoints and LoRAs read as per-key deltas, one key at a time.
+
+Internal to :mod:`lorasmith.ops.extract`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lorasmith.archs.base import STRIP_PREFIXES, Architecture, Inventory, Target
+from lorasmith.errors import ArchMismatchError, DetectionError, InvalidFileError, ShapeMismatchError
+from lorasmith.io.dtypes import safetensors_dtype, torch_dtype
+from lorasmith.io.header import Header, read_header
+from lorasmith.io.reader import TensorFile, open_tensors
+from lorasmith.registry import get_registry
+
+__all__ = ["CheckpointInput", "LoraInput", "Spill", "canonical_map", "open_input"]
+
+_FLOATS = frozenset({"F64", "F32", "F16", "BF16"})
+
+
+def canonical_map(header: Header, inventory: Inventory) -> dict[str, str]:
+    """Canonical key -> the file's key, for a single-file, bare or prefixed layout of one family.
+
+    A key is canonical as it is; otherwise wrapper prefixes (``model.diffusion_model.``, ``unet.``...) are
+    stripped and the inventory's component prefixes tried, so that a bare UNet / transformer file maps
+    onto the canonical single-file names.
+    """
+    canon = inventory.tensors
+    prefixes = ["", *inventory.components.values()]
+    out: dict[str, str] = {}
+    for name in header.tensors:
+        candidates = [name] + [name[len(p) :] for p in STRIP_PREFIXES if name.startswith(p)]
+        found = next((p + c for c in candidates for p in prefixes if p + c in canon), None)
+        if found is not None:
+            out.setdefault(found, name)
+    return out
+
+
+@dataclass
+class CheckpointInput:
+    """A checkpoint opened for extraction: family, variant, canonical key map; tensors on demand."""
+
+    path: Path
+    header: Header
+    arch: Architecture
+    variant: str | None
+    keys: dict[str, str]
+    _tf: TensorFile | None = None
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """The tensor of canonical ``key`` (stored dtype, CPU)."""
+        if self._tf is None:
+            self._tf = open_tensors(self.path)
+        return self._tf.get(self.keys[key])
+
+    def raw(self, file_key: str) -> torch.Tensor:
+        """The tensor stored under the file's own ``file_key``."""
+        if self._tf is None:
+            self._tf = open_tensors(self.path)
+        return self._tf.get(file_key)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The stored shape of canonical ``key``."""
+        return tuple(self.header.tensors[self.keys[key]].shape)
+
+    def close(self) -> None:
+        """Close the file."""
+        if self._tf is not None:
+            self._tf.close()
+            self._tf = None
+
+
+@dataclass
+class LoraInput:
+    """A LoRA whose materialised delta stands for a fine-tune (``--tuned`` / ``--tuned2`` given a LoRA).
+
+    :ivar targets: canonical key -> ``(module name, target)`` of every module that lands on it.
+    """
+
+    path: Path
+    arch: Architecture
+    variant: str | None
+    lora: object  # a lorasmith.ops.loralib.LoraFile (kept untyped to avoid importing it at module level)
+    targets: dict[str, list[tuple[str, Target]]] = field(default_factory=dict)
+    unresolved: list[str] = field(default_factory=list)
+
+    def delta(self, key: str, base: torch.Tensor, real_rows: int | None) -> torch.Tensor | None:
+        """The LoRA's delta on canonical ``key`` given the base weight (compute dtype), ``None`` if none.
+
+        Computed as ``apply(W) - W`` per module, so DoRA and OFT modules give their true effect on this
+        base; fused-weight slices land on their rows (scaled for shrunk test models).
+        """
+        from lorasmith.adapters.parse import parse_module
+        from lorasmith.ops.loralib import LoraFile
+
+        mods = self.targets.get(key)
+        if not mods:
+            return None
+        lf = self.lora
+        assert isinstance(lf, LoraFile)
+        total = torch.zeros_like(base)
+        for name, target in mods:
+            info = lf.modules[name]
+            tensors = {suffix: lf.tensor(k) for suffix, k in info.keys.items()}
+            tensors.pop(".diff_b", None)
+            module = parse_module(name, tensors)
+            part_base, part_out = base, total
+            if target.slice is not None:
+                dim, start, length = target.slice
+                actual = int(base.shape[dim])
+                if real_rows is not None and real_rows != actual:
+                    if real_rows % actual:
+                        raise ShapeMismatchError(
+                            f"{self.path.name}: module {name!r} does not fit the base's {actual} rows",
+                            hint="the LoRA was made for another model of the family",
+                        )
+                    f = real_rows // actual
+                    start, length = start // f, length // f
+                part_base, part_out = base.narrow(dim, start, length), total.narrow(dim, start, length)
+            new = module.apply(part_base, 1.0, dtype=base.dtype)
+            part_out += new.reshape(part_base.shape) - part_base
+        return total
+
+    def close(self) -> None:
+        """Close the file."""
+        from lorasmith.ops.loralib import LoraFile
+
+        if isinstance(self.lora, LoraFile):
+            self.lora.close()
+
+
+Input = CheckpointInput | LoraInput
+
+
+def open_input(path: Path, *, role: str, arch: str | None, allow_lora: bool) -> Input:
+    """Open ``path`` as a checkpoint (or, when ``allow_lora``, a LoRA) and detect its family.
+
+    :raises InvalidFileError: a LoRA where a checkpoint is needed, or a file without known keys.
+    :raises DetectionError: no family matches.
+    """
+    header = read_header(path)
+    reg = get_registry()
+    try:
+        det = reg.detect(header, arch=arch, source=str(path))
+    except DetectionError as exc:
+        raise DetectionError(f"{role} {exc.message}", hint=exc.hint) from None
+    family = reg.get(det.arch)
+    if det.kind == "lora":
+        if not allow_lora:
+            raise InvalidFileError(
+                f"{path}: --{role} is a {family.name} LoRA, not a checkpoint",
+                hint="--base must be a full checkpoint; a LoRA may be given as --tuned",
+            )
+        from lorasmith.ops.loralib import load_lora
+
+        lf = load_lora(path, arch=det.arch)
+        targets: dict[str, list[tuple[str, Target]]] = {}
+        unresolved: list[str] = []
+        for name, info in lf.modules.items():
+            if info.alias is None:
+                unresolved.append(name)
+                continue
+            targets.setdefault(info.alias.target.key, []).append((name, info.alias.target))
+        return LoraInput(path, family, lf.variant, lf, targets, unresolved)
+    inv = family.canonical_inventory(det.variant) if det.variant in family.variants else None
+    inv = inv or family.canonical_inventory(None)
+    keys = canonical_map(header, inv)
+    if not keys:
+        raise InvalidFileError(f"{path}: no {family.name} checkpoint keys", hint="check the file")
+    return CheckpointInput(path, header, family, det.variant, keys)
+
+
+def check_pair(base: CheckpointInput, other: Input, role: str) -> None:
+    """Same family (and variant) for base and a tuned input.
+
+    :raises ArchMismatchError: different families or variants.
+    """
+    if other.arch.id != base.arch.id:
+        raise ArchMismatchError(
+            f"--{role} {other.path.name} is {other.arch.name}, --base {base.path.name} is {base.arch.name}",
+            hint="extract from two models of the same family",
+        )
+    if (
+        isinstance(other, CheckpointInput)
+        and other.variant is not None
+        and base.variant is not None
+        and other.variant != base.variant
+    ):
+        raise ArchMismatchError(
+            f"--{role} {other.path.name} is variant {other.variant}, "
+            f"--base {base.path.name} is {base.variant}",
+            hint="extract from two models of the same variant",
+        )
+
+
+def is_float(header: Header, name: str) -> bool:
+    """Whether tensor ``name`` of ``header`` is floating point."""
+    return header.tensors[name].dtype in _FLOATS
+
+
+class Spill:
+    """Output tensors parked in an unnamed temporary file until the output can be planned.
+
+    A LoRA's shapes are known only once every module's rank is chosen, and keeping all factors in RAM
+    would make the peak memory grow with the output; parking them on disk keeps it at one tensor.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        # closed by close(); an unnamed temporary file vanishes even on a crash
+        self._fh = tempfile.TemporaryFile(dir=folder if os.access(folder, os.W_OK) else None)  # noqa: SIM115
+        self._index: dict[str, tuple[int, int, str, tuple[int, ...]]] = {}
+        self._end = 0
+
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        """Park ``tensor`` (CPU, contiguous) under ``name``."""
+        t = tensor.detach().to("cpu").contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        self._fh.seek(self._end)
+        self._fh.write(raw)
+        self._index[name] = (self._end, len(raw), safetensors_dtype(t.dtype), tuple(int(d) for d in t.shape))
+        self._end += len(raw)
+
+    def plan(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """Name -> ``(dtype, shape)`` of everything parked."""
+        return {n: (d, s) for n, (_o, _l, d, s) in self._index.items()}
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read a parked tensor back."""
+        offset, length, dtype, shape = self._index[name]
+        self._fh.seek(offset)
+        data = bytearray(self._fh.read(length))
+        if not data:
+            return torch.empty(shape, dtype=torch_dtype(dtype))
+        return torch.frombuffer(data, dtype=torch_dtype(dtype)).reshape(shape).clone()
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def close(self) -> None:
+        """Drop the scratch file."""
+        self._fh.close()
