@@ -26,7 +26,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol
 
-from lorasmith.errors import PluginError, UnknownArchError
+from lorasmith.errors import NotAvailableError, PluginError, UnknownArchError
 
 Kind = Literal["checkpoint", "lora", "mixed", "unknown"]
 
@@ -135,6 +135,26 @@ class Target:
 
     key: str
     slice: tuple[int, int, int] | None = None
+
+
+@dataclass(frozen=True)
+class LayoutEntry:
+    """Where one canonical tensor lives in another checkpoint layout (see :meth:`Architecture.layout_map`).
+
+    The canonical tensor is made of ``parts``, in order along ``dim``: each part is a key of the layout
+    (``(key, None)`` for the whole tensor, or ``(key, rows)`` where ``rows`` is how many rows along ``dim``
+    that key holds). One part with no rows is a rename. ``transform`` names an exact, invertible rewrite of
+    the values: ``None``, or ``"swap_halves"`` (the two halves along ``dim`` exchanged: FLUX ``norm_out``
+    stores ``scale, shift`` where BFL stores ``shift, scale``).
+
+    :ivar parts: ``((layout key, rows or None), ...)``.
+    :ivar dim: the axis the parts are concatenated along.
+    :ivar transform: ``None`` or ``"swap_halves"``.
+    """
+
+    parts: tuple[tuple[str, int | None], ...]
+    dim: int = 0
+    transform: str | None = None
 
 
 @dataclass(frozen=True)
@@ -464,6 +484,21 @@ class Architecture:
         """Which canonical weight (and row slice) a LoRA module's delta lands on."""
         alias = self.resolve(module_name, variant)
         return None if alias is None else alias.target
+
+    # ------------------------------------------------------------------------------------------- layouts
+    def layout_map(self, inventory_id: str) -> Mapping[str, LayoutEntry]:
+        """How the canonical keys map onto another checkpoint layout of this family.
+
+        :param inventory_id: the id of one of :meth:`inventories` (``"flux-dev-diffusers"``).
+        :return: canonical key -> :class:`LayoutEntry` (the layout key(s) holding it, with row counts for
+            fused tensors split in the layout, and an optional exact transform). Reading a checkpoint of
+            that layout in canonical names, or writing one, is then a loop over this mapping.
+        :raises NotAvailableError: the family does not provide this map (the default).
+        """
+        raise NotAvailableError(
+            f"family {self.id!r} has no key map for layout {inventory_id!r}",
+            hint="convert the checkpoint to the family's single-file layout first",
+        )
 
     # ------------------------------------------------------------------------------------------- blocks
     def block_of(self, key: str) -> str | None:

@@ -52,8 +52,10 @@ from lorasmith.archs.base import (
     Architecture,
     KeyView,
     Kind,
+    LayoutEntry,
     Target,
 )
+from lorasmith.errors import NotAvailableError
 from lorasmith.hookspecs import hookimpl
 
 #: Double-block BFL module -> diffusers module (below ``transformer_blocks.N.``), one to one.
@@ -168,6 +170,44 @@ class Flux(DiTArchitecture):
                     dotted=(("peft", "transformer."),),
                     underscored=(("onetrainer", "lora_transformer_"), ("lycoris", "lycoris_")),
                 )
+
+    def layout_map(self, inventory_id: str) -> Mapping[str, LayoutEntry]:
+        """Canonical (BFL) key -> diffusers ``FluxTransformer2DModel`` key(s), for ``flux-*-diffusers``.
+
+        Fused q/k/v (double blocks) and q/k/v/mlp (single-block ``linear1``) weights and biases are split
+        along rows; the q/k RMS-norm ``scale`` tensors become ``attn.norm_q/norm_k.weight`` (the txt stream's
+        ``norm_added_q/k``); ``final_layer.adaLN_modulation.1`` is diffusers ``norm_out.linear`` with its two
+        halves swapped (BFL: shift, scale; diffusers: scale, shift). Row counts are the real model's.
+        """
+        inv = next((i for i in self.inventories() if i.id == inventory_id), None)
+        if inv is None or inv.layout != "diffusers-transformer":
+            return super().layout_map(inventory_id)
+        canonical = self.canonical_inventory(inv.variant)
+        out: dict[str, LayoutEntry] = {}
+        for key in canonical.tensors:
+            path, _, leaf = key.rpartition(".")
+            if leaf == "scale":
+                m = _BLOCK.match(path)
+                if m is None:
+                    raise NotAvailableError(f"flux: no diffusers name for {key!r}")
+                kind, idx, rest = m.groups()
+                added = "added_" if rest.startswith("txt_") else ""
+                which = "q" if rest.endswith("query_norm") else "k"
+                block = "transformer_blocks" if kind == "double_blocks" else "single_transformer_blocks"
+                out[key] = LayoutEntry(((f"{block}.{idx}.attn.norm_{added}{which}.weight", None),))
+                continue
+            if path == "final_layer.adaLN_modulation.1":
+                out[key] = LayoutEntry(((f"norm_out.linear.{leaf}", None),), transform="swap_halves")
+                continue
+            weight_shape = canonical.tensors[path + ".weight"].shape
+            mods = diffusers_modules(path, weight_shape)
+            if not mods:
+                raise NotAvailableError(f"flux: no diffusers name for {key!r}")
+            if len(mods) == 1 and mods[0][1] is None:
+                out[key] = LayoutEntry(((f"{mods[0][0]}.{leaf}", None),))
+            else:
+                out[key] = LayoutEntry(tuple((f"{d}.{leaf}", sl[2] if sl else None) for d, sl in mods))
+        return out
 
     def block_of(self, key: str) -> str | None:
         """``CLIP``, ``T5``, ``IN``, ``D00``-``D18``, ``S00``-``S37`` or ``OUT``; ``None`` for other keys.

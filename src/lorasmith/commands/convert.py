@@ -1,0 +1,115 @@
+"""``lorasmith convert``: LoRA spellings (rename, fuse, split), dtypes, pickles to safetensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+
+from lorasmith.commands._common import ArchOpt, JsonOpt, OverwriteOpt, QuietOpt, VerboseOpt, guarded
+from lorasmith.output import emit
+from lorasmith.progress import cli_progress
+
+if TYPE_CHECKING:
+    from lorasmith.ops.convert import ConvertResult
+
+_VERBOSE = False
+
+
+def render(console: Console, r: ConvertResult) -> None:
+    """Human-readable rendering of a :class:`~lorasmith.ops.convert.ConvertResult`."""
+    console.print(f"{r.input} -> {r.output} ({r.file_bytes:,} bytes, {r.tensors} tensors)", markup=False)
+    if r.arch:
+        console.print(f"  family {r.arch}" + (f" ({r.variant})" if r.variant else ""), markup=False)
+    if r.kind == "lora":
+        console.print(f"  spelling {r.from_spelling} -> {r.to_spelling}", markup=False)
+        counts = ", ".join(f"{n} {mode}" for mode, n in sorted(r.counts.items()))
+        console.print(f"  modules: {counts or 'none'}", markup=False)
+        if r.max_rel_error is not None:
+            console.print(f"  lossy: largest relative error {r.max_rel_error:.3g}", markup=False)
+    console.print("  dtypes: " + ", ".join(f"{k} x{v}" for k, v in r.dtypes.items()), markup=False)
+    c = r.cast
+    if c.tensors:
+        console.print(
+            f"  cast {c.tensors} tensors ({c.values:,} values): {c.overflowed:,} overflowed (saturated), "
+            f"{c.flushed_to_zero:,} flushed to zero",
+            markup=False,
+        )
+    if _VERBOSE:
+        for m in r.modules:
+            err = "" if m.rel_error is None else f" error {m.rel_error:.3g}"
+            console.print(f"    {m.mode:7} {m.name} <- {', '.join(m.sources)}{err}", markup=False)
+        for d in r.dropped:
+            console.print(f"    dropped {d}", markup=False)
+    for w in r.warnings:
+        console.print(f"  warning: {w}", markup=False)
+
+
+@guarded
+def command(
+    input: Annotated[
+        Path,
+        typer.Argument(help="A LoRA or checkpoint (.safetensors), a .ckpt/.pt/.pth, or a diffusers folder."),
+    ],
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="Output .safetensors file (a folder for --to diffusers).")
+    ],
+    to: Annotated[
+        str | None,
+        typer.Option(
+            "--to",
+            help="LoRA spelling: comfy (default), kohya, peft/diffusers, aitk, musubi, onetrainer, lycoris, "
+            "comfy-keys, keep. Checkpoint layout: diffusers (a folder) or single.",
+        ),
+    ] = None,
+    dtype: Annotated[
+        str | None, typer.Option("--dtype", help="fp32, fp16, bf16, fp8_e4m3fn or fp8_e5m2.")
+    ] = None,
+    unet_dtype: Annotated[
+        str | None, typer.Option("--unet-dtype", help="Checkpoints: dtype of the UNet/transformer.")
+    ] = None,
+    te_dtype: Annotated[
+        str | None, typer.Option("--te-dtype", help="Checkpoints: dtype of the text encoders.")
+    ] = None,
+    vae_dtype: Annotated[
+        str | None, typer.Option("--vae-dtype", help="Checkpoints: dtype of the VAE.")
+    ] = None,
+    lossy: Annotated[
+        bool, typer.Option("--lossy", help="Allow lossy conversions (through an SVD; errors reported).")
+    ] = False,
+    lossy_tol: Annotated[
+        float, typer.Option("--lossy-tol", help="Relative error a lossy module may have.")
+    ] = 0.01,
+    lossy_rank: Annotated[
+        int | None, typer.Option("--lossy-rank", help="Largest rank of a lossy module.")
+    ] = None,
+    arch: ArchOpt = None,
+    overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Convert a LoRA between spellings, or change dtypes, or turn a pickle into safetensors."""
+    global _VERBOSE
+    from lorasmith.ops.convert import convert
+
+    _VERBOSE = verbose
+    with cli_progress(enabled=not quiet and not as_json) as progress:
+        result = convert(
+            input,
+            output,
+            to=to,
+            dtype=dtype,
+            unet_dtype=unet_dtype,
+            te_dtype=te_dtype,
+            vae_dtype=vae_dtype,
+            lossy=lossy,
+            lossy_tol=lossy_tol,
+            lossy_rank=lossy_rank,
+            arch=arch,
+            overwrite=overwrite,
+            progress=progress,
+        )
+    emit(result, as_json, render)

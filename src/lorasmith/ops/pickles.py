@@ -1,0 +1,142 @@
+"""Pickle checkpoints (``.ckpt``, ``.pt``, ``.pth``, ``.bin``) read safely and written as safetensors.
+
+A pickle can run any code when it is loaded. lorasmith reads one only through
+``torch.load(weights_only=True)``, torch's restricted unpickler, which builds tensors, containers and
+plain values and refuses every other global; a file that names one (``os.system``, ``builtins.exec``, a
+class of some project) is refused with :class:`~lorasmith.errors.InvalidFileError` before anything of it
+runs. ``mmap=True`` is used where the file allows it (torch's zip format), so that tensors are paged in as
+they are written rather than all read first.
+
+What is kept: the tensors of the state dict, found at the top level or under a wrapper key
+(``state_dict`` first, then ``model``, then ``module``); nested dicts of tensors are flattened with ``.``.
+Every other entry (epoch numbers, strings, anything that is not a tensor) is dropped and named in the
+result.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lorasmith.errors import InvalidFileError
+from lorasmith.progress import ProgressCallback
+
+if TYPE_CHECKING:
+    import torch
+
+    from lorasmith.ops.convert import ConvertResult
+
+__all__ = ["load_pickle_state_dict", "pickle_to_safetensors"]
+
+_WRAPPERS = ("state_dict", "model", "module")
+
+
+def _torch_load(path: Path) -> Any:
+    import torch
+
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            # legacy (non-zip) pickles cannot be memory-mapped; read them normally, still restricted
+            if "mmap" not in str(exc):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()
+        why = next((line for line in first if "Unsupported global" in line or "GLOBAL" in line), "")
+        raise InvalidFileError(
+            f"{path}: refused: this pickle asks to run code or build objects that are not weights"
+            + (f" ({why.strip()})" if why else ""),
+            hint="only plain tensor state dicts are read (torch.load weights_only=True); nothing was run",
+        ) from None
+    except (EOFError, OSError, RuntimeError, ValueError) as exc:
+        raise InvalidFileError(
+            f"{path}: not a readable PyTorch pickle ({type(exc).__name__}: {str(exc).splitlines()[0]})",
+            hint="check that the file is complete and is a .ckpt/.pt/.pth checkpoint",
+        ) from None
+
+
+def _flatten(obj: Mapping[Any, Any], prefix: str, dropped: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    import torch
+
+    for key, value in obj.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, torch.Tensor):
+            yield name, value
+        elif isinstance(value, Mapping):
+            yield from _flatten(value, name + ".", dropped)
+        else:
+            dropped.append(f"{name} ({type(value).__name__})")
+
+
+def load_pickle_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The tensors of a pickle checkpoint (see the module docstring) and the entries dropped.
+
+    :raises InvalidFileError: a pickle that needs anything but tensors and plain containers (nothing of
+        it runs), an unreadable file, or a file without tensors.
+    """
+    p = Path(path)
+    obj = _torch_load(p)
+    dropped: list[str] = []
+    if not isinstance(obj, Mapping):
+        raise InvalidFileError(
+            f"{p}: the pickle holds a {type(obj).__name__}, not a state dict", hint="give a checkpoint file"
+        )
+    root: Mapping[Any, Any] = obj
+    for wrapper in _WRAPPERS:
+        inner = root.get(wrapper)
+        if isinstance(inner, Mapping):
+            dropped.extend(f"{k} (outside {wrapper})" for k in root if k != wrapper)
+            root = inner
+            break
+    tensors = dict(_flatten(root, "", dropped))
+    if not tensors:
+        raise InvalidFileError(f"{p}: no tensors in this pickle", hint="give a checkpoint file")
+    return tensors, dropped
+
+
+def pickle_to_safetensors(
+    src: Path,
+    output: Path,
+    *,
+    dtypes: Mapping[str, str | None],
+    arch: str | None,
+    overwrite: bool,
+    progress: ProgressCallback,
+) -> ConvertResult:
+    """Read ``src`` safely and write its tensors as safetensors (dtype options applied per component)."""
+    from lorasmith.archs.base import SimpleKeyView, TensorSpec
+    from lorasmith.io.dtypes import safetensors_dtype
+    from lorasmith.ops.convert import component_dtypes, key_components, write_streaming
+
+    tensors, dropped = load_pickle_state_dict(src)
+    # tied weights share storage; each key is written as its own copy, so drop views into one buffer
+    specs = {k: (safetensors_dtype(t.dtype), tuple(int(d) for d in t.shape)) for k, t in tensors.items()}
+    view = SimpleKeyView({k: TensorSpec(shape, st) for k, (st, shape) in specs.items()})
+    keys = list(tensors)
+    try:
+        comps, family, variant = key_components(keys, view, arch)
+    except InvalidFileError:
+        comps, family, variant = dict.fromkeys(keys), None, None
+    targets = component_dtypes(keys, dtypes, comps)
+    result = write_streaming(
+        src,
+        output,
+        keys=keys,
+        specs=specs,
+        get=lambda k: tensors[k].contiguous(),
+        targets=targets,
+        metadata={},
+        record={"from": "pickle", "dtype": {k: v for k, v in dtypes.items() if v is not None}},
+        family=family,
+        variant=variant,
+        overwrite=overwrite,
+        progress=progress,
+        dropped=dropped,
+    )
+    if dropped:
+        result.warnings.append(f"{len(dropped)} non-tensor entr{'y' if len(dropped) == 1 else 'ies'} dropped")
+    return result
