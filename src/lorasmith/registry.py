@@ -96,10 +96,10 @@ class Registry:
         try:
             self.pm.check_pending()
         except pluggy.PluginValidationError as exc:
+            name = self.pm.get_name(exc.plugin) or repr(exc.plugin)
             raise PluginError(
-                f"plugin {exc.plugin!r} implements an unknown hook: {exc}",
-                hint="fix the hook name, or block it with "
-                f"LORASMITH_BLOCK_PLUGINS={self.pm.get_name(exc.plugin)}",
+                f"plugin {name!r} implements an unknown hook: {exc}",
+                hint=f"fix the hook name, or block it with LORASMITH_BLOCK_PLUGINS={name}",
             ) from None
         self._archs: dict[str, Architecture] = {}
         self._owner: dict[str, str] = {}
@@ -153,6 +153,7 @@ class Registry:
                 self._archs[cls.id] = cls()
                 self._owner[cls.id] = name
         # the second hook: aliases onto families other plugins own
+        contributors: dict[str, list[str]] = {}
         for impl in self.pm.hook.lorasmith_extra_aliases.get_hookimpls():
             for arch_id, arch in self._archs.items():
                 for variant in arch.variants:
@@ -167,9 +168,32 @@ class Registry:
                             hint=f"block it with LORASMITH_BLOCK_PLUGINS={impl.plugin_name}",
                         ) from None
                     if extra:
-                        arch.add_aliases(
-                            [a for a in extra if variant in arch.variants], source=impl.plugin_name
-                        )
+                        arch.add_aliases(extra, source=impl.plugin_name, variant=variant)
+                        names = contributors.setdefault(arch_id, [])
+                        if impl.plugin_name not in names:
+                            names.append(impl.plugin_name)
+        self._contributors = contributors
+
+    def check_extra_aliases(self) -> None:
+        """Build the alias tables of every family that got extra aliases, so that a conflict is reported now.
+
+        Why: an alias conflict would otherwise surface only when a LoRA of that family is read, far from its
+        cause; building those tables costs about 0.1 s. :func:`get_registry` calls it.
+
+        :raises PluginError: naming the plugin(s) whose aliases conflict and how to block them.
+        """
+        for arch_id, names in self._contributors.items():
+            arch = self._archs[arch_id]
+            try:
+                for variant in arch.variants:
+                    arch.alias_table(variant)
+            except PluginError as exc:
+                # the conflict message says "(from <source>)" for each side: blame those plugins only
+                culprits = [n for n in names if f"(from {n})" in exc.message] or names
+                raise PluginError(
+                    f"{exc.message}; extra aliases from plugin {', '.join(repr(n) for n in culprits)}",
+                    hint=f"block it with LORASMITH_BLOCK_PLUGINS={','.join(culprits)}",
+                ) from None
 
     # ------------------------------------------------------------------------------------------- facade
     def archs(self) -> Mapping[str, Architecture]:
@@ -256,7 +280,9 @@ def get_registry() -> Registry:
     """The process-wide registry (built on first use)."""
     global _REGISTRY
     if _REGISTRY is None:
-        _REGISTRY = Registry()
+        registry = Registry()
+        registry.check_extra_aliases()
+        _REGISTRY = registry
     return _REGISTRY
 
 

@@ -201,13 +201,14 @@ class DiTArchitecture(Architecture):
         for variant in self.variants:
             for alias in self._alias_list(variant):
                 names.setdefault(alias.spelling, set()).add(alias.name)
-        for alias, _source in self._extra_aliases:
-            names.setdefault(alias.spelling, set()).add(alias.name)
+        for extra in self._extra_aliases.values():
+            for alias, _source in extra:
+                names.setdefault(alias.spelling, set()).add(alias.name)
         return {s: frozenset(n) for s, n in names.items()}
 
-    def add_aliases(self, aliases: Iterable[Alias], source: str) -> None:
+    def add_aliases(self, aliases: Iterable[Alias], source: str, variant: str | None = None) -> None:
         """Add another plugin's aliases (see the base class); they take part in :meth:`spelling_of` too."""
-        super().add_aliases(aliases, source)
+        super().add_aliases(aliases, source, variant)
         self.__dict__.pop("_spelling_names", None)
 
     def spelling_of(self, module_names: Iterable[str]) -> str | None:

@@ -439,18 +439,20 @@ class Architecture:
             table: dict[str, Alias] = {}
             for alias in self._build_aliases(variant):
                 self._add(table, alias, source=type(self).__name__)
-            for alias, source in self._extra_aliases:
+            for alias, source in self._extra_aliases.get(variant, ()):
                 self._add(table, alias, source=source)
             cache[variant] = table
         return cache[variant]
 
     @cached_property
-    def _extra_aliases(self) -> list[tuple[Alias, str]]:
-        return []
+    def _extra_aliases(self) -> dict[str, list[tuple[Alias, str]]]:
+        return {}
 
-    def add_aliases(self, aliases: Iterable[Alias], source: str) -> None:
-        """Add aliases contributed by the plugin ``source`` (used by the registry for the second hook)."""
-        self._extra_aliases.extend((a, source) for a in aliases)
+    def add_aliases(self, aliases: Iterable[Alias], source: str, variant: str | None = None) -> None:
+        """Add aliases for ``variant`` (default: the default variant) contributed by the plugin ``source``
+        (used by the registry for the second hook)."""
+        variant = self.check_variant(variant)
+        self._extra_aliases.setdefault(variant, []).extend((a, source) for a in aliases)
         self._alias_cache.clear()
 
     def _add(self, table: dict[str, Alias], alias: Alias, source: str) -> None:
