@@ -323,8 +323,3 @@ def test_missing_extra_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp_
     )
     assert res.exit_code == 1
     assert "pip install 'lorasmith[cache]'" in res.output and "Traceback" not in res.output
-
-
-def test_text_is_not_available_yet() -> None:
-    res = runner.invoke(app, ["cache", "text"])
-    assert res.exit_code == 1 and "not available yet" in res.output

@@ -16,6 +16,7 @@ from lorasmith.progress import cli_progress
 if TYPE_CHECKING:
     from lorasmith.ops.cache.latents import LatentsCacheResult
     from lorasmith.ops.cache.norms import NormsCacheInfo, NormsCacheResult, NormsClearResult
+    from lorasmith.ops.cache.text import TextCacheResult
 
 COMMAND = typer.Typer(
     name="cache",
@@ -196,15 +197,102 @@ def clear(
     emit(clear_norms_cache(cache_dir, list(base) if base else None), as_json, _render_clear)
 
 
+def _render_text(console: Console, r: TextCacheResult) -> None:
+    for it in r.items:
+        if it.status == "failed":
+            console.print(f"[red]failed[/] {escape(it.image)}: {escape(it.error or '')}")
+    console.print(
+        f"{r.arch}: {r.images} images, {r.written} written, {r.skipped} skipped (valid), {r.failed} failed"
+    )
+    for slot, where in r.encoders.items():
+        console.print(f"  {slot:7s}  {where}", markup=False)
+    if r.t5_max_length is not None:
+        masks = f"t5 mask {'applied' if r.apply_t5_attn_mask else 'not applied'}"
+        if r.arch == "sd3":
+            masks += f", clip masks {'applied' if r.apply_lg_attn_mask else 'not applied'}"
+        console.print(f"  t5       {r.t5_max_length} tokens; {masks}", markup=False)
+
+
 @COMMAND.command("text")
 @guarded
 def text(
-    model: Annotated[Path | None, typer.Option("--model", help="Checkpoint with the text encoders.")] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", help="Checkpoint (family; SDXL/SD3 text encoders inside).", dir_okay=False),
+    ] = None,
+    text_encoder: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--text-encoder",
+            help="Text encoder file (clip_l, clip_g, t5xxl; repeatable).",
+            dir_okay=False,
+            metavar="FILE",
+        ),
+    ] = None,
+    tokenizer: Annotated[
+        Path | None, typer.Option("--tokenizer", help="Local tokenizer folder of the first encoder (CLIP-L).")
+    ] = None,
+    tokenizer2: Annotated[
+        Path | None,
+        typer.Option("--tokenizer2", help="Second encoder's tokenizer (SDXL/SD3: CLIP-G; FLUX: T5)."),
+    ] = None,
+    tokenizer3: Annotated[
+        Path | None, typer.Option("--tokenizer3", help="Third encoder's tokenizer (SD3: T5).")
+    ] = None,
+    dataset: DatasetOpt = None,
+    dataset_config: ConfigOpt = None,
+    caption_extension: Annotated[
+        str | None,
+        typer.Option("--caption-extension", help="Caption file extension (default: .caption, then .txt)."),
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Captions per encoder call.")] = 8,
+    t5_max_length: Annotated[
+        int | None,
+        typer.Option("--t5-max-length", help="T5 tokens (default 512 FLUX dev, 256 FLUX schnell / SD3)."),
+    ] = None,
+    apply_t5_attn_mask: Annotated[
+        bool, typer.Option("--apply-t5-attn-mask", help="Mask T5 padding (the trainer's flag).")
+    ] = False,
+    apply_lg_attn_mask: Annotated[
+        bool, typer.Option("--apply-lg-attn-mask", help="Mask CLIP padding (SD3; the trainer's flag).")
+    ] = False,
+    skip_existing: Annotated[
+        bool, typer.Option("--skip-existing/--no-skip-existing", help="Leave valid caches as they are.")
+    ] = True,
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="Encoder compute dtype: float32, float16, bfloat16.")
+    ] = "float32",
+    device: DeviceOpt = "cpu",
+    arch: ArchOpt = None,
+    overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
-    """Text-encoder outputs for the trainers (not available yet)."""
-    from lorasmith.errors import NotAvailableError
+    """Encode training captions into text-encoder .npz caches next to the images (SDXL, FLUX, SD3).
 
-    raise NotAvailableError(
-        "lorasmith cache text is not available yet",
-        hint="cache text-encoder outputs with the trainer's own script for now",
-    )
+    Exit code 1 when some images failed (each is listed); the others are cached.
+    """
+    from lorasmith.ops.cache.text import cache_text
+
+    with cli_progress(enabled=not quiet and not as_json) as progress:
+        result = cache_text(
+            model,
+            text_encoders=list(text_encoder or []),
+            tokenizers=[tokenizer, tokenizer2, tokenizer3],
+            dataset=dataset,
+            dataset_config=dataset_config,
+            arch=arch,
+            caption_extension=caption_extension,
+            batch_size=batch_size,
+            t5_max_length=t5_max_length,
+            apply_t5_attn_mask=apply_t5_attn_mask,
+            apply_lg_attn_mask=apply_lg_attn_mask,
+            skip_existing=skip_existing,
+            overwrite=overwrite,
+            device=device,
+            dtype=dtype,
+            progress=progress,
+        )
+    emit(result, as_json, _render_text)
+    if result.failed:
+        raise typer.Exit(1)

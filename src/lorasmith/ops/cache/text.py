@@ -1,0 +1,762 @@
+"""``cache text``: text-encoder outputs of the training captions, in the files the trainers read.
+
+One call, :func:`cache_text`: find the images (a folder or a dataset TOML), read each caption, skip the
+images whose cache is already valid, encode the rest in batches, and write one ``.npz`` per image next
+to it (or in the TOML's ``cache_directory``). The formats are sd-scripts' (``library/strategy_*.py``):
+
+- SDXL, ``<stem>_te_outputs.npz``: ``hidden_state1`` (77, 768), CLIP-L's penultimate layer;
+  ``hidden_state2`` (77, 1280), bigG's penultimate layer; ``pool2`` (1280,), bigG's text projection of
+  its final-norm state at the first EOS token;
+- FLUX, ``<stem>_flux_te.npz``: ``l_pooled`` (768,), CLIP-L's pooler output (final-norm state at the
+  EOS, no projection); ``t5_out`` (T, 4096), T5's last state; ``txt_ids`` (T, 3) float32 zeros;
+  ``t5_attn_mask`` (T,) int64; ``apply_t5_attn_mask`` (bool);
+- SD3, ``<stem>_sd3_te.npz``: ``lg_out`` (77, 2048), CLIP-L's and CLIP-G's penultimate layers side by
+  side; ``lg_pooled`` (2048,), both projected poolings side by side; ``t5_out`` (T, 4096);
+  ``clip_l_attn_mask``, ``clip_g_attn_mask`` (77,) and ``t5_attn_mask`` (T,) int64;
+  ``apply_lg_attn_mask``, ``apply_t5_attn_mask`` (bool).
+
+``T`` is the T5 token length: 512 for FLUX dev, 256 for FLUX schnell and SD3 (``t5_max_length``).
+Tokens are padded to the full length (``padding="max_length"``, truncated); SDXL's and SD3's CLIP-G
+tokenizer pads with id 0, as sd-scripts sets it. The attention masks are only *applied* in the encoders
+when ``apply_t5_attn_mask`` / ``apply_lg_attn_mask`` ask for it (the trainers' flags of the same names;
+a cache is valid for a run only with the same flags). Float outputs are float32, or float16 when the
+encoders run in float16 (sd-scripts converts only bfloat16).
+
+Captions are ``<stem><caption_extension>`` next to the image: the first line, stripped (sd-scripts
+reads the first line). Without an extension set, ``.caption`` then ``.txt`` are tried. A missing, empty
+or undecodable caption is reported for that image and the run goes on.
+
+A cache is *valid* when it loads, holds every key with the expected shape, and records the same mask
+flags. Valid caches are skipped (``skip_existing``); any other existing cache is replaced only with
+``overwrite``. Writes are atomic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, Field
+
+from lorasmith.errors import InvalidFileError, LorasmithError, NotAvailableError, UsageError
+from lorasmith.ops.cache._te_models import EncoderSource, find_sources
+from lorasmith.ops.cache.datasets import ImageGroup, Settings, folder_group, load_dataset_config
+from lorasmith.progress import ProgressCallback, ProgressEvent, noop
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+__all__ = [
+    "TEXT_FAMILIES",
+    "Slot",
+    "TextCacheItem",
+    "TextCacheResult",
+    "TextFamily",
+    "cache_text",
+    "load_tokenizer",
+    "read_caption",
+    "text_cache_path",
+]
+
+_DTYPES = ("float32", "float16", "bfloat16")
+_DEFAULT_CAPTION_EXTENSIONS = (".caption", ".txt")
+_DIFFUSERS_TOKENIZER_DIRS = ("tokenizer", "tokenizer_2", "tokenizer_3")
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One text encoder of a family.
+
+    :ivar name: ``clip_l``, ``clip_g`` or ``t5xxl``.
+    :ivar kind: ``clip`` or ``t5``.
+    :ivar activation: CLIP activation (``quick_gelu`` for OpenAI CLIP-L, ``gelu`` for LAION bigG).
+    :ivar projection: the family uses the CLIP text projection.
+    :ivar pad_zero: pad with token id 0 (sd-scripts' CLIP-G tokenizer), not the tokenizer's pad token.
+    :ivar tokenizer_hint: which tokenizer this slot takes, for error hints.
+    """
+
+    name: str
+    kind: Literal["clip", "t5"]
+    activation: str = "quick_gelu"
+    projection: bool = False
+    pad_zero: bool = False
+    tokenizer_hint: str = ""
+
+
+@dataclass(frozen=True)
+class TextFamily:
+    """How one family's text-encoder cache is named and which encoders fill it.
+
+    :ivar arch: the family id.
+    :ivar suffix: what replaces the image extension in the cache file name.
+    :ivar slots: the encoders, in ``--tokenizer``, ``--tokenizer2``, ``--tokenizer3`` order.
+    :ivar bundled: slot -> key prefix of that encoder inside the family's single-file checkpoint.
+    :ivar t5_length: default T5 token length (``None``: no T5).
+    """
+
+    arch: str
+    suffix: str
+    slots: tuple[Slot, ...]
+    bundled: dict[str, str]
+    t5_length: int | None = None
+
+
+_CLIP_L_HINT = "the CLIP-L tokenizer (openai/clip-vit-large-patch14: vocab.json + merges.txt)"
+_CLIP_G_HINT = "the CLIP-G tokenizer (laion/CLIP-ViT-bigG-14-laion2B-39B-b160k; CLIP-L's works the same)"
+_T5_HINT = "the T5-XXL tokenizer (google/t5-v1_1-xxl: tokenizer.json or spiece.model)"
+
+TEXT_FAMILIES: dict[str, TextFamily] = {
+    "sdxl": TextFamily(
+        "sdxl",
+        "_te_outputs.npz",
+        (
+            Slot("clip_l", "clip", tokenizer_hint=_CLIP_L_HINT),
+            Slot("clip_g", "clip", "gelu", projection=True, pad_zero=True, tokenizer_hint=_CLIP_G_HINT),
+        ),
+        {"clip_l": "conditioner.embedders.0.transformer.", "clip_g": "conditioner.embedders.1.model."},
+    ),
+    "flux": TextFamily(
+        "flux",
+        "_flux_te.npz",
+        (Slot("clip_l", "clip", tokenizer_hint=_CLIP_L_HINT), Slot("t5xxl", "t5", tokenizer_hint=_T5_HINT)),
+        {},
+        t5_length=512,
+    ),
+    "sd3": TextFamily(
+        "sd3",
+        "_sd3_te.npz",
+        (
+            Slot("clip_l", "clip", projection=True, tokenizer_hint=_CLIP_L_HINT),
+            Slot("clip_g", "clip", "gelu", projection=True, pad_zero=True, tokenizer_hint=_CLIP_G_HINT),
+            Slot("t5xxl", "t5", tokenizer_hint=_T5_HINT),
+        ),
+        {
+            "clip_l": "text_encoders.clip_l.transformer.",
+            "clip_g": "text_encoders.clip_g.transformer.",
+            "t5xxl": "text_encoders.t5xxl.transformer.",
+        },
+        t5_length=256,
+    ),
+}
+
+
+class TextCacheItem(BaseModel):
+    """One image, its caption and its cache file.
+
+    :ivar image: the image file.
+    :ivar caption_file: the caption file read (``None`` when none was found).
+    :ivar cache: the cache file.
+    :ivar status: ``written``, ``skipped`` (a valid cache was there) or ``failed``.
+    :ivar error: why it failed.
+    """
+
+    image: str
+    caption_file: str | None = None
+    cache: str | None = None
+    status: Literal["written", "skipped", "failed"]
+    error: str | None = None
+
+
+class TextCacheResult(BaseModel):
+    """What :func:`cache_text` did.
+
+    :ivar arch: the family.
+    :ivar cache_format: ``sd-scripts npz``.
+    :ivar encoders: slot -> where its weights came from.
+    :ivar t5_max_length: the T5 token length (``None`` without T5).
+    :ivar apply_t5_attn_mask: the T5 attention mask was applied.
+    :ivar apply_lg_attn_mask: the CLIP attention masks were applied (SD3).
+    :ivar images: images found.
+    :ivar written: caches written.
+    :ivar skipped: valid caches left as they were.
+    :ivar failed: images that failed.
+    :ivar items: every image.
+    """
+
+    arch: str
+    cache_format: str
+    encoders: dict[str, str] = Field(default_factory=dict)
+    t5_max_length: int | None = None
+    apply_t5_attn_mask: bool = False
+    apply_lg_attn_mask: bool = False
+    images: int
+    written: int
+    skipped: int
+    failed: int
+    items: list[TextCacheItem] = Field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Options:
+    t5_length: int | None
+    apply_t5: bool
+    apply_lg: bool
+
+
+@dataclass
+class _Job:
+    image: Path
+    cache: Path
+    caption: str
+    item: TextCacheItem
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def text_cache_path(image: Path, family: TextFamily, cache_dir: Path | None = None) -> Path:
+    """The trainer's text-encoder cache file of ``image``: its path less the extension, plus the suffix."""
+    folder = cache_dir if cache_dir is not None else image.parent
+    return folder / f"{image.stem}{family.suffix}"
+
+
+def read_caption(image: Path, extensions: Sequence[str]) -> tuple[Path, str]:
+    """The caption of ``image``: the first line of the first ``<stem><ext>`` that exists, stripped.
+
+    :raises InvalidFileError: no caption file, an empty one, or one that is not UTF-8.
+    """
+    for ext in extensions:
+        path = image.with_name(image.stem + ext)
+        if not path.is_file():
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidFileError(f"{path}: caption is not UTF-8 text", hint="save it as UTF-8") from exc
+        except OSError as exc:
+            raise InvalidFileError(f"{path}: cannot read the caption ({exc.strerror or exc})") from exc
+        lines = text.splitlines()
+        caption = lines[0].strip() if lines else ""
+        if not caption:
+            raise InvalidFileError(
+                f"{path}: the caption file is empty", hint="write the caption on its first line"
+            )
+        return path, caption
+    tried = " or ".join(image.stem + e for e in extensions)
+    raise InvalidFileError(
+        f"{image}: no caption file ({tried})",
+        hint="write a caption file next to the image, or pass --caption-extension",
+    )
+
+
+def load_tokenizer(path: Path, slot: Slot, option: str) -> Any:
+    """A tokenizer from a local folder (never downloaded).
+
+    A CLIP folder may hold ``vocab.json`` + ``merges.txt`` or a ``tokenizer.json``; a T5 folder
+    ``tokenizer.json`` or ``spiece.model`` (with its ``tokenizer_config.json``).
+
+    :raises InvalidFileError: the folder is missing or does not hold a loadable tokenizer.
+    """
+    from transformers import AutoTokenizer, CLIPTokenizer
+
+    if not path.is_dir():
+        raise InvalidFileError(
+            f"{path}: tokenizer folder not found",
+            hint=f"pass {option} DIR: a local folder with {slot.tokenizer_hint}",
+        )
+    try:
+        if slot.kind == "clip" and (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+            tokenizer = CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:  # transformers raises many kinds; all mean "not a tokenizer folder"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise InvalidFileError(
+            f"{path}: cannot load the {slot.name} tokenizer ({first})",
+            hint=f"pass {option} DIR: a local folder with {slot.tokenizer_hint}",
+        ) from exc
+    return tokenizer
+
+
+def _tokenizer_dirs(tokenizers: Sequence[Path | None], family: TextFamily) -> list[Path | None]:
+    """Per-slot tokenizer folders; a diffusers model folder given once fills every slot."""
+    dirs = list(tokenizers) + [None] * (len(family.slots) - len(tokenizers))
+    first = dirs[0]
+    if first is not None and (first / _DIFFUSERS_TOKENIZER_DIRS[0]).is_dir():
+        for i in range(len(family.slots)):
+            sub = first / _DIFFUSERS_TOKENIZER_DIRS[i]
+            if i == 0 or (dirs[i] is None and sub.is_dir()):
+                dirs[i] = sub
+    for i, slot in enumerate(family.slots):
+        # sd-scripts' CLIP-G tokenizer is CLIP-L's vocabulary padded with id 0
+        if dirs[i] is None and slot.name == "clip_g" and dirs[0] is not None:
+            dirs[i] = dirs[0]
+    return dirs[: len(family.slots)]
+
+
+def _option(i: int) -> str:
+    return "--tokenizer" if i == 0 else f"--tokenizer{i + 1}"
+
+
+def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
+    """Write through a hidden temporary file in the same folder, then ``os.replace``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+# ------------------------------------------------------------------------------------ family & sources
+def _resolve_arch(model: Path | None, arch: str | None) -> tuple[str, str | None]:
+    from lorasmith.io.header import read_header
+    from lorasmith.registry import get_registry
+
+    if model is None:
+        if arch is None:
+            raise UsageError(
+                "give --model, or --arch with the text encoders as --text-encoder files",
+                hint="--model CKPT names the family (and holds SDXL's and SD3's text encoders)",
+            )
+        return arch, None
+    det = get_registry().detect(read_header(model), arch=arch, source=str(model))
+    return det.arch, det.variant
+
+
+def _text_family(arch: str) -> TextFamily:
+    if arch == "zimage":
+        raise NotAvailableError(
+            "cache text for Z-Image (musubi-tuner's Qwen3 cache) is not available yet",
+            hint="cache Z-Image text-encoder outputs with musubi-tuner's own caching script",
+        )
+    fam = TEXT_FAMILIES.get(arch)
+    if fam is None:
+        raise UsageError(
+            f"family {arch!r} has no text-encoder cache format",
+            hint=f"the trainers cache text-encoder outputs for: {', '.join(TEXT_FAMILIES)}",
+        )
+    return fam
+
+
+def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    from lorasmith.io.header import read_header
+
+    return {k: tuple(t.shape) for k, t in read_header(path).tensors.items()}
+
+
+def _assign_sources(
+    family: TextFamily, model: Path | None, text_encoders: Sequence[Path]
+) -> dict[str, EncoderSource]:
+    """Slot -> weights: the checkpoint's encoders, replaced or completed by ``--text-encoder`` files."""
+    slots = {s.name: s for s in family.slots}
+    found: dict[str, EncoderSource] = {}
+    if model is not None and family.bundled:
+        by_prefix = {src.prefix: src for src in find_sources(model, _shapes(model))}
+        for name, prefix in family.bundled.items():
+            if prefix in by_prefix:
+                found[name] = by_prefix[prefix]
+    given: set[str] = set()
+    clip_slots = [s.name for s in family.slots if s.kind == "clip"]
+    for path in text_encoders:
+        sources = find_sources(path, _shapes(path))
+        if not sources:
+            raise InvalidFileError(
+                f"{path}: no text encoder found (no CLIP text_model.*, OpenCLIP transformer.resblocks.* or "
+                "T5 encoder.block.* keys)",
+                hint="pass clip_l / clip_g / t5xxl .safetensors files",
+            )
+        for src in sources:
+            if src.form == "t5":
+                name = "t5xxl"
+            elif len(clip_slots) == 1:
+                name = clip_slots[0]
+            else:
+                # released widths tell CLIP-L (768) from CLIP-G (1280); otherwise the order given
+                by_width = {768: "clip_l", 1280: "clip_g"}.get(src.width)
+                free = [n for n in clip_slots if n not in given]
+                name = by_width if by_width in clip_slots else (free[0] if free else clip_slots[-1])
+            if name not in slots:
+                raise UsageError(
+                    f"{path}: a {src.form} text encoder, which {family.arch} does not use",
+                    hint=f"{family.arch} uses: {', '.join(slots)}",
+                )
+            found[name] = src
+            given.add(name)
+    for slot in family.slots:
+        if slot.name not in found:
+            where = f"{model} holds no {slot.name}" if model is not None else f"no {slot.name} given"
+            raise UsageError(
+                f"{family.arch}: {where}",
+                hint=f"pass its weights with --text-encoder FILE ({slot.name}.safetensors)",
+            )
+    return found
+
+
+# ------------------------------------------------------------------------------------- expected arrays
+def _expected(
+    family: TextFamily, src: dict[str, EncoderSource], opts: _Options
+) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of one caption's cache."""
+    clip_len = src["clip_l"].positions or 77
+    t5_len = opts.t5_length or 0
+    if family.arch == "sdxl":
+        g = src["clip_g"]
+        return {
+            "hidden_state1": (clip_len, src["clip_l"].width),
+            "hidden_state2": (clip_len, g.width),
+            "pool2": (g.projection or g.width,),
+        }
+    if family.arch == "flux":
+        return {
+            "l_pooled": (src["clip_l"].width,),
+            "t5_out": (t5_len, src["t5xxl"].width),
+            "txt_ids": (t5_len, 3),
+            "t5_attn_mask": (t5_len,),
+            "apply_t5_attn_mask": (),
+        }
+    lw, gw = src["clip_l"], src["clip_g"]
+    return {
+        "lg_out": (clip_len, lw.width + gw.width),
+        "lg_pooled": ((lw.projection or lw.width) + (gw.projection or gw.width),),
+        "t5_out": (t5_len, src["t5xxl"].width),
+        "clip_l_attn_mask": (clip_len,),
+        "clip_g_attn_mask": (clip_len,),
+        "t5_attn_mask": (t5_len,),
+        "apply_lg_attn_mask": (),
+        "apply_t5_attn_mask": (),
+    }
+
+
+def _flags(family: TextFamily, opts: _Options) -> dict[str, bool]:
+    if family.arch == "flux":
+        return {"apply_t5_attn_mask": opts.apply_t5}
+    if family.arch == "sd3":
+        return {"apply_lg_attn_mask": opts.apply_lg, "apply_t5_attn_mask": opts.apply_t5}
+    return {}
+
+
+def _valid(path: Path, expected: dict[str, tuple[int, ...]], flags: dict[str, bool]) -> bool | None:
+    """``True``/``False`` for a cache that loads, ``None`` for one that does not."""
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except Exception:  # any unreadable cache is simply invalid
+        return None
+    for key, shape in expected.items():
+        if key not in arrays or tuple(arrays[key].shape) != shape:
+            return False
+    return all(bool(arrays[k]) == v for k, v in flags.items())
+
+
+# ----------------------------------------------------------------------------------------------- plan
+def _groups(dataset: Path | None, dataset_config: Path | None, defaults: Settings) -> list[ImageGroup]:
+    if (dataset is None) == (dataset_config is None):
+        raise UsageError(
+            "give exactly one of --dataset and --dataset-config",
+            hint="--dataset DIR for a folder of images, --dataset-config for an sd-scripts TOML",
+        )
+    if dataset is not None:
+        return [folder_group(dataset, defaults)]
+    assert dataset_config is not None
+    return load_dataset_config(dataset_config, defaults)
+
+
+def _plan(
+    groups: Sequence[ImageGroup],
+    family: TextFamily,
+    expected: dict[str, tuple[int, ...]],
+    flags: dict[str, bool],
+    skip_existing: bool,
+    overwrite: bool,
+) -> tuple[list[TextCacheItem], list[_Job]]:
+    items: list[TextCacheItem] = []
+    jobs: list[_Job] = []
+    for group in groups:
+        ext = group.settings.caption_extension
+        extensions = (ext,) if ext else _DEFAULT_CAPTION_EXTENSIONS
+        for image in group.images:
+            target = text_cache_path(image, family, group.cache_dir)
+            item = TextCacheItem(image=str(image), cache=str(target), status="written")
+            items.append(item)
+            try:
+                caption_file, caption = read_caption(image, extensions)
+            except LorasmithError as exc:
+                item.status, item.error = "failed", exc.message
+                continue
+            item.caption_file = str(caption_file)
+            if target.exists():
+                valid = _valid(target, expected, flags)
+                if valid and skip_existing:
+                    item.status = "skipped"
+                    continue
+                if not overwrite:
+                    why = "is valid" if valid else "does not match this run's settings or does not load"
+                    item.status = "failed"
+                    item.error = f"{target}: cache exists and {why}; pass --overwrite to re-create it"
+                    continue
+            jobs.append(_Job(image, target, caption, item))
+    return items, jobs
+
+
+# --------------------------------------------------------------------------------------------- encode
+@dataclass
+class _Encoders:
+    models: dict[str, Any]
+    tokenizers: dict[str, Any]
+    pad_ids: dict[str, int]
+
+
+def _tokens(enc: _Encoders, slot: str, captions: list[str], length: int) -> tuple[Any, Any]:
+    """Input ids and attention mask (int64, ``(B, length)``), padded to ``length``."""
+    tok = enc.tokenizers[slot]
+    out = tok(captions, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+    ids, mask = out["input_ids"], out["attention_mask"]
+    pad = enc.pad_ids.get(slot)
+    if pad is not None:
+        # sd-scripts pads CLIP-G with id 0; the mask is unchanged by the id used for padding
+        ids = ids.masked_fill(mask == 0, pad)
+    return ids, mask
+
+
+def _clip(
+    enc: _Encoders, slot: str, ids: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Penultimate hidden states, final-norm state at the first EOS, and its projection (or itself)."""
+    import torch
+
+    model = enc.models[slot]
+    dev = model.device
+    out = model(ids.to(dev), attention_mask=None if mask is None else mask.to(dev), output_hidden_states=True)
+    penultimate = out.hidden_states[-2]
+    eos = enc.tokenizers[slot].eos_token_id
+    # the first EOS of each row (argmax of a 0/1 mask), as sd-scripts' pooling workaround finds it
+    index = (ids == eos).int().argmax(dim=1).to(dev)
+    pooled = out.last_hidden_state[torch.arange(ids.shape[0], device=dev), index]
+    projected = model.text_projection(pooled) if hasattr(model, "text_projection") else pooled
+    return penultimate, pooled, projected
+
+
+def _t5(enc: _Encoders, ids: torch.Tensor, mask: torch.Tensor, apply: bool) -> torch.Tensor:
+    model = enc.models["t5xxl"]
+    dev = model.device
+    out = model(ids.to(dev), attention_mask=mask.to(dev) if apply else None)
+    return out.last_hidden_state  # type: ignore[no-any-return]
+
+
+def _encode(
+    family: TextFamily, enc: _Encoders, captions: list[str], opts: _Options, clip_len: int
+) -> list[dict[str, np.ndarray]]:
+    """Per-caption arrays of a batch, as the family's trainer stores them."""
+    import numpy as np
+    import torch
+
+    def host(t: torch.Tensor) -> np.ndarray:
+        # sd-scripts stores bfloat16 outputs as float32 and keeps float16 / float32 as they are
+        t = t.detach().cpu()
+        return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+
+    out: dict[str, Any] = {}
+    with torch.no_grad():
+        if family.arch == "sdxl":
+            ids1, _ = _tokens(enc, "clip_l", captions, clip_len)
+            ids2, _ = _tokens(enc, "clip_g", captions, clip_len)
+            h1, _, _ = _clip(enc, "clip_l", ids1, None)
+            h2, _, pool2 = _clip(enc, "clip_g", ids2, None)
+            out = {"hidden_state1": host(h1), "hidden_state2": host(h2), "pool2": host(pool2)}
+        elif family.arch == "flux":
+            assert opts.t5_length is not None
+            ids_l, _ = _tokens(enc, "clip_l", captions, clip_len)
+            _, l_pooled, _ = _clip(enc, "clip_l", ids_l, None)
+            ids_t, mask_t = _tokens(enc, "t5xxl", captions, opts.t5_length)
+            t5_out = _t5(enc, ids_t, mask_t, opts.apply_t5)
+            out = {
+                "l_pooled": host(l_pooled),
+                "t5_out": host(t5_out),
+                # FLUX text tokens all sit at position (0, 0, 0)
+                "txt_ids": np.zeros((len(captions), opts.t5_length, 3), dtype=np.float32),
+                "t5_attn_mask": mask_t.numpy(),
+            }
+        else:
+            assert opts.t5_length is not None
+            ids_l, mask_l = _tokens(enc, "clip_l", captions, clip_len)
+            ids_g, mask_g = _tokens(enc, "clip_g", captions, clip_len)
+            hl, _, pl = _clip(enc, "clip_l", ids_l, mask_l if opts.apply_lg else None)
+            hg, _, pg = _clip(enc, "clip_g", ids_g, mask_g if opts.apply_lg else None)
+            ids_t, mask_t = _tokens(enc, "t5xxl", captions, opts.t5_length)
+            t5_out = _t5(enc, ids_t, mask_t, opts.apply_t5)
+            out = {
+                "lg_out": host(torch.cat([hl, hg], dim=-1)),
+                "lg_pooled": host(torch.cat([pl, pg], dim=-1)),
+                "t5_out": host(t5_out),
+                "clip_l_attn_mask": mask_l.numpy(),
+                "clip_g_attn_mask": mask_g.numpy(),
+                "t5_attn_mask": mask_t.numpy(),
+            }
+    flags = _flags(family, opts)
+    rows: list[dict[str, np.ndarray]] = []
+    for i in range(len(captions)):
+        row = {k: np.ascontiguousarray(v[i]) for k, v in out.items()}
+        row.update({k: np.array(v) for k, v in flags.items()})
+        rows.append(row)
+    return rows
+
+
+def _build(
+    family: TextFamily,
+    sources: dict[str, EncoderSource],
+    tokenizer_dirs: list[Path | None],
+    device: str,
+    dtype: str,
+) -> _Encoders:
+    import torch
+
+    from lorasmith.linalg import resolve_device
+    from lorasmith.linalg.errors import LinalgError
+    from lorasmith.ops.cache._te_models import build_clip, build_t5, load_state
+
+    try:
+        dev = resolve_device(device)
+    except LinalgError as exc:
+        raise UsageError(str(exc), hint="pass --device cpu, cuda or cuda:N") from exc
+    tdt = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    enc = _Encoders({}, {}, {})
+    for i, slot in enumerate(family.slots):
+        path = tokenizer_dirs[i]
+        assert path is not None
+        tokenizer = load_tokenizer(path, slot, _option(i))
+        enc.tokenizers[slot.name] = tokenizer
+        if slot.pad_zero:
+            enc.pad_ids[slot.name] = 0
+        ids = {
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": enc.pad_ids.get(slot.name, tokenizer.pad_token_id),
+        }
+        src = sources[slot.name]
+        state = load_state(src)
+        label = f"{src.file} ({slot.name})"
+        if slot.kind == "clip":
+            model = build_clip(
+                state, activation=slot.activation, projection=slot.projection, token_ids=ids, source=label
+            )
+        else:
+            ids.pop("bos_token_id")
+            model = build_t5(state, token_ids=ids, source=label)
+        enc.models[slot.name] = model.to(device=dev, dtype=tdt)
+    return enc
+
+
+def cache_text(
+    model: str | os.PathLike[str] | None,
+    *,
+    text_encoders: Sequence[str | os.PathLike[str]] = (),
+    tokenizers: Sequence[str | os.PathLike[str] | None] = (),
+    dataset: str | os.PathLike[str] | None = None,
+    dataset_config: str | os.PathLike[str] | None = None,
+    arch: str | None = None,
+    caption_extension: str | None = None,
+    batch_size: int = 8,
+    t5_max_length: int | None = None,
+    apply_t5_attn_mask: bool = False,
+    apply_lg_attn_mask: bool = False,
+    skip_existing: bool = True,
+    overwrite: bool = False,
+    device: str = "cpu",
+    dtype: str = "float32",
+    progress: ProgressCallback = noop,
+) -> TextCacheResult:
+    """Encode the captions of ``dataset`` (a folder) or ``dataset_config`` (a TOML) into trainer caches.
+
+    :param model: the checkpoint that names the family (and holds SDXL's / SD3's text encoders).
+    :param text_encoders: separate encoder files (``clip_l``, ``clip_g``, ``t5xxl`` in HF form), which
+        replace or complete the checkpoint's.
+    :param tokenizers: local tokenizer folders in the family's slot order (SDXL: CLIP-L, CLIP-G;
+        FLUX: CLIP-L, T5; SD3: CLIP-L, CLIP-G, T5); a diffusers model folder fills every slot.
+    :param arch: force the family (needed without ``model``).
+    :param caption_extension: caption file extension (a dataset TOML's ``caption_extension`` wins);
+        ``.caption`` then ``.txt`` when neither sets one.
+    :param t5_max_length: T5 token length (default 512 for FLUX dev, 256 for FLUX schnell and SD3).
+    :param dtype: encoder compute dtype; bfloat16 outputs are saved as float32.
+    :raises UsageError: bad option values, a missing encoder or tokenizer.
+    :raises NotAvailableError: the ``cache`` extra is not installed, or Z-Image.
+    :raises InvalidFileError: unreadable model, encoder, tokenizer, dataset folder or config.
+    """
+    from lorasmith.ops.cache.latents import require_extra
+
+    require_extra("transformers")
+    if dtype not in _DTYPES:
+        raise UsageError(f"--dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    if t5_max_length is not None and t5_max_length < 1:
+        raise UsageError(f"--t5-max-length must be at least 1, got {t5_max_length}")
+    model_path = Path(model) if model is not None else None
+    arch_id, variant = _resolve_arch(model_path, arch)
+    family = _text_family(arch_id)
+    if family.t5_length is None:
+        if t5_max_length is not None or apply_t5_attn_mask:
+            raise UsageError(f"{family.arch} has no T5 encoder: drop --t5-max-length / --apply-t5-attn-mask")
+        t5_len = None
+    else:
+        # sd-scripts: 256 tokens for schnell, 512 for dev, unless set
+        t5_len = t5_max_length or (256 if variant == "schnell" else family.t5_length)
+    if apply_lg_attn_mask and family.arch != "sd3":
+        raise UsageError("--apply-lg-attn-mask is an SD3 option")
+    opts = _Options(t5_len, apply_t5_attn_mask, apply_lg_attn_mask)
+    sources = _assign_sources(family, model_path, [Path(p) for p in text_encoders])
+    tok_dirs = _tokenizer_dirs([Path(p) if p is not None else None for p in tokenizers], family)
+    for i, slot in enumerate(family.slots):
+        if tok_dirs[i] is None:
+            raise UsageError(
+                f"{family.arch}: no tokenizer for {slot.name}",
+                hint=f"pass {_option(i)} DIR: a local folder with {slot.tokenizer_hint} (never downloaded)",
+            )
+    defaults = Settings((1024, 1024), caption_extension=caption_extension or "")
+    groups = _groups(
+        Path(dataset) if dataset is not None else None,
+        Path(dataset_config) if dataset_config is not None else None,
+        defaults,
+    )
+    expected = _expected(family, sources, opts)
+    flags = _flags(family, opts)
+    items, jobs = _plan(groups, family, expected, flags, skip_existing, overwrite)
+    total = len(items)
+    done = total - len(jobs)
+    progress(ProgressEvent("encoding", done, total))
+    if jobs:
+        enc = _build(family, sources, tok_dirs, device, dtype)
+        clip_len = sources["clip_l"].positions or 77
+        for start in range(0, len(jobs), batch_size):
+            batch = jobs[start : start + batch_size]
+            rows = _encode(family, enc, [j.caption for j in batch], opts, clip_len)
+            for job, arrays in zip(batch, rows, strict=True):
+                try:
+                    _save(job.cache, arrays)
+                except OSError as exc:
+                    job.item.status = "failed"
+                    job.item.error = f"{job.cache}: cannot write the cache ({exc.strerror or exc})"
+                done += 1
+                progress(ProgressEvent("encoding", done, total, str(job.image)))
+    return TextCacheResult(
+        arch=family.arch,
+        cache_format="sd-scripts npz",
+        encoders={name: src.describe() for name, src in sources.items()},
+        t5_max_length=t5_len,
+        apply_t5_attn_mask=apply_t5_attn_mask,
+        apply_lg_attn_mask=apply_lg_attn_mask,
+        images=total,
+        written=sum(it.status == "written" for it in items),
+        skipped=sum(it.status == "skipped" for it in items),
+        failed=sum(it.status == "failed" for it in items),
+        items=items,
+    )
+
+
+def _save(path: Path, arrays: dict[str, Any]) -> None:
+    import numpy as np
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+
+    _write_atomic(path, write)
