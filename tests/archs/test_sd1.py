@@ -9,7 +9,6 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
-import time
 from collections.abc import Callable, Mapping, Sequence
 from functools import cache
 from pathlib import Path
@@ -123,12 +122,10 @@ def test_both_families_load_through_the_hook() -> None:
 
 
 @pytest.mark.parametrize("variant", ["sd1", "sd2"])
-def test_alias_table_is_fast_and_cached(variant: str) -> None:
+def test_alias_table_is_cached(variant: str) -> None:
     fam = SD1()
     fam.inventories()
-    start = time.perf_counter()
     table = fam.alias_table(variant)
-    assert time.perf_counter() - start < 0.3
     assert fam.alias_table(variant) is table
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
-import time
 from collections.abc import Callable, Mapping, Sequence
 from functools import cache
 from pathlib import Path
@@ -118,12 +117,10 @@ def test_family_loads_through_the_hook() -> None:
     assert fam.describe()["block_notations"] == ["sdxl-12", "sdxl-20"]
 
 
-def test_alias_table_is_fast_and_cached() -> None:
+def test_alias_table_is_cached() -> None:
     fam = SDXL()
     fam.inventories()
-    start = time.perf_counter()
     table = fam.alias_table()
-    assert time.perf_counter() - start < 0.3
     assert fam.alias_table() is table
 
 

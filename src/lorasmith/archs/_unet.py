@@ -10,7 +10,8 @@ What lives here:
 - scale-invariant shape checks (:func:`fit_shapes`): a file's dimensions must equal the canonical
   dimensions times one common factor (1 for real files, 1/64 for the shrunk test fixtures). This tells SD1
   from SD2 and keeps an SDXL file from passing as SD1 (and back) when module names happen to coincide;
-- :class:`UNetFamily`, the :class:`~lorasmith.archs.base.Architecture` subclass both families derive from.
+- :class:`UNetFamily`, the :class:`~lorasmith.archs.base.Architecture` subclass both families derive from,
+  with :meth:`UNetFamily.layout_map`: the single file -> diffusers folder map (UNet, VAE, text encoders).
 
 Block labels follow the manifests and hako-mikan's LoRA Block Weight: the middle block is ``M00``
 (``MID`` is accepted as a synonym by :func:`normalize_block_label`), ``BASE`` is the text encoder(s) plus
@@ -38,6 +39,7 @@ from lorasmith.archs.base import (
     Inventory,
     KeyView,
     Kind,
+    LayoutEntry,
     Target,
     TensorLike,
     TensorSpec,
@@ -215,6 +217,86 @@ def openclip_hf_modules(inventory: Inventory, prefix: str, drop_last_layers: int
                 yield HFModule(f"{layer}self_attn.{proj}", Target(key, (0, i * width, width)))
         elif sub in _OPENCLIP_LAYER:
             yield HFModule(layer + _OPENCLIP_LAYER[sub], Target(key))
+
+
+#: OpenCLIP tower tensors -> HF ``CLIPTextModel`` tensors (checkpoint layouts; ``text_projection`` apart).
+_OPENCLIP_TOP_TENSORS = {
+    "ln_final.weight": "text_model.final_layer_norm.weight",
+    "ln_final.bias": "text_model.final_layer_norm.bias",
+    "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+    "positional_embedding": "text_model.embeddings.position_embedding.weight",
+}
+#: OpenCLIP resblock tensor -> HF layer tensor (below ``text_model.encoder.layers.N.``).
+_OPENCLIP_LAYER_TENSORS = {
+    f"{src}.{leaf}": f"{dst}.{leaf}"
+    for src, dst in (
+        ("ln_1", "layer_norm1"),
+        ("ln_2", "layer_norm2"),
+        ("attn.out_proj", "self_attn.out_proj"),
+        ("mlp.c_fc", "mlp.fc1"),
+        ("mlp.c_proj", "mlp.fc2"),
+    )
+    for leaf in ("weight", "bias")
+}
+
+
+def openclip_layout(
+    inventory: Inventory,
+    prefix: str,
+    folder: str,
+    *,
+    drop_last_layers: int = 0,
+    projection: bool = True,
+) -> dict[str, LayoutEntry]:
+    """Layout entries of an OpenCLIP text tower (below ``prefix``) in its HF ``CLIPTextModel`` conversion.
+
+    Layout keys are ``<folder>/<HF key>``. ``attn.in_proj_weight``/``in_proj_bias`` split into equal q, k,
+    v row thirds; ``text_projection`` becomes ``text_projection.weight`` transposed (OpenCLIP computes
+    ``x @ P``, an HF ``Linear`` stores ``P.T``). Tensors left out have no place in the HF model: the
+    dropped final resblocks, ``logit_scale``, and ``text_projection`` when ``projection`` is false.
+
+    :param drop_last_layers: final resblocks the conversion drops (SD2: 1, as diffusers and sd-scripts do).
+    """
+    layers = {
+        int(m.group(1))
+        for key in inventory.tensors
+        if key.startswith(prefix) and (m := _RESBLOCK.match(key[len(prefix) :]))
+    }
+    n_layers = (max(layers) + 1 - drop_last_layers) if layers else 0
+    out: dict[str, LayoutEntry] = {}
+    for key, spec in inventory.tensors.items():
+        if not key.startswith(prefix):
+            continue
+        rest = key[len(prefix) :]
+        m = _RESBLOCK.match(rest)
+        if m is None:
+            if rest in _OPENCLIP_TOP_TENSORS:
+                out[key] = LayoutEntry(((f"{folder}/{_OPENCLIP_TOP_TENSORS[rest]}", None),))
+            elif rest == "text_projection" and projection:
+                out[key] = LayoutEntry(((f"{folder}/text_projection.weight", None),), transform="transpose")
+            continue
+        index, sub = int(m.group(1)), m.group(2)
+        if index >= n_layers:
+            continue
+        layer = f"{folder}/text_model.encoder.layers.{index}."
+        if sub in ("attn.in_proj_weight", "attn.in_proj_bias"):
+            leaf = "weight" if sub.endswith("weight") else "bias"
+            width = spec.shape[0] // 3
+            out[key] = LayoutEntry(
+                tuple((f"{layer}self_attn.{p}_proj.{leaf}", width) for p in ("q", "k", "v"))
+            )
+        elif sub in _OPENCLIP_LAYER_TENSORS:
+            out[key] = LayoutEntry(((layer + _OPENCLIP_LAYER_TENSORS[sub], None),))
+    return out
+
+
+def prefixed_layout(inventory: Inventory, prefix: str, folder: str) -> dict[str, LayoutEntry]:
+    """Layout entries of a tower stored under HF names below ``prefix`` (CLIP-L): ``<folder>/<rest>``."""
+    return {
+        key: LayoutEntry(((f"{folder}/{key[len(prefix) :]}", None),))
+        for key in inventory.tensors
+        if key.startswith(prefix)
+    }
 
 
 def text_encoder_aliases(
@@ -512,6 +594,37 @@ class UNetFamily(Architecture):
         if not fit.off_scale:
             return det
         return self._discount(det, det.matched - fit.off_scale, fit, "tensors")
+
+    # --------------------------------------------------------------------------------------- layouts
+    def layout_map(self, inventory_id: str) -> Mapping[str, LayoutEntry]:
+        """Canonical single-file key -> diffusers folder key, for the family's ``*-diffusers-unet`` inventory.
+
+        UNet keys map onto the inventory's bare keys (the packaged ldm/sgm -> diffusers table); the other
+        components onto ``<subfolder>/<key>``: ``vae/`` (the packaged VAE table; the mid-block attention
+        q/k/v/proj_out are 1x1 convs ``[C, C, 1, 1]`` in ldm and ``Linear`` ``[C, C]`` in diffusers:
+        transform ``drop_1x1``) and the text encoders (:meth:`_text_encoder_layout`). Canonical keys left
+        out (the ldm schedule buffers, SD2's last resblock...) have no place in a diffusers folder.
+        """
+        inv = next((i for i in self.inventories() if i.id == inventory_id), None)
+        if inv is None or inv.layout != "diffusers-unet":
+            return super().layout_map(inventory_id)
+        canonical = self.canonical_inventory(inv.variant)
+        out: dict[str, LayoutEntry] = {}
+        for ldm, diff in keymap(self.unet_keymaps[inv.variant]).items():
+            if ldm in canonical.tensors:
+                out[ldm] = LayoutEntry(((diff, None),))
+        for ldm, diff in keymap("sd_vae").items():
+            # the table notes the reshape after the key: "<key>  [reshape (C,C,1,1)->(C,C)]"
+            name, _, note = diff.partition(" ")
+            if ldm in canonical.tensors:
+                transform = "drop_1x1" if "reshape" in note else None
+                out[ldm] = LayoutEntry(((f"vae/{name}", None),), transform=transform)
+        out.update(self._text_encoder_layout(canonical))
+        return out
+
+    def _text_encoder_layout(self, canonical: Inventory) -> dict[str, LayoutEntry]:
+        """Layout entries of the text encoder(s) of ``canonical`` (override; the default has none)."""
+        return {}
 
     # ---------------------------------------------------------------------------------------- blocks
     def block_of(self, key: str) -> str | None:

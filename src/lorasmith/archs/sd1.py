@@ -37,10 +37,11 @@ from lorasmith.archs._unet import (
     hf_clip_modules,
     keymap,
     openclip_hf_modules,
+    openclip_layout,
     text_encoder_aliases,
     unet_aliases,
 )
-from lorasmith.archs.base import Alias, Architecture, KeyView, Kind
+from lorasmith.archs.base import Alias, Architecture, Inventory, KeyView, Kind, LayoutEntry
 from lorasmith.hookspecs import hookimpl
 
 _UNET_SPELLINGS: tuple[UNetSpelling, ...] = (
@@ -97,6 +98,22 @@ class SD1(UNetFamily):
         else:
             modules = openclip_hf_modules(inv, "cond_stage_model.model.", drop_last_layers=1)
         yield from text_encoder_aliases(modules, _TE_SPELLINGS, "te")
+
+    def _text_encoder_layout(self, canonical: Inventory) -> dict[str, LayoutEntry]:
+        """``text_encoder/``: SD1's CLIP-L by the packaged table; SD2's OpenCLIP ViT-H by rule, 23 layers.
+
+        SD2 drops ``resblocks.23``, ``text_projection`` and ``logit_scale`` as diffusers does (SD2 conditions
+        on the penultimate layer, so they are unused).
+        """
+        if canonical.variant == "sd1":
+            return {
+                k: LayoutEntry(((f"text_encoder/{v}", None),))
+                for k, v in keymap("sd1_text_encoder").items()
+                if k in canonical.tensors
+            }
+        return openclip_layout(
+            canonical, "cond_stage_model.model.", "text_encoder", drop_last_layers=1, projection=False
+        )
 
     def _refine_variant(self, view: KeyView, variant: str, kind: Kind) -> str | None:
         """SD1 or SD2 from shapes up to scale, then metadata (see the module docstring)."""

@@ -30,10 +30,12 @@ from lorasmith.archs._unet import (
     hf_clip_modules,
     keymap,
     openclip_hf_modules,
+    openclip_layout,
+    prefixed_layout,
     text_encoder_aliases,
     unet_aliases,
 )
-from lorasmith.archs.base import Alias, Architecture
+from lorasmith.archs.base import Alias, Architecture, Inventory, LayoutEntry
 from lorasmith.hookspecs import hookimpl
 
 _UNET_SPELLINGS: tuple[UNetSpelling, ...] = (
@@ -86,6 +88,12 @@ class SDXL(UNetFamily):
         yield from text_encoder_aliases(te1, _TE1_SPELLINGS, "te1")
         te2 = openclip_hf_modules(inv, "conditioner.embedders.1.model.")
         yield from text_encoder_aliases(te2, _TE2_SPELLINGS, "te2")
+
+    def _text_encoder_layout(self, canonical: Inventory) -> dict[str, LayoutEntry]:
+        """``text_encoder/``: CLIP-L (prefix stripped); ``text_encoder_2/``: bigG by rule, with projection."""
+        out = prefixed_layout(canonical, "conditioner.embedders.0.transformer.", "text_encoder")
+        out.update(openclip_layout(canonical, "conditioner.embedders.1.model.", "text_encoder_2"))
+        return out
 
     def block_notations(self) -> Mapping[str, Sequence[str]]:
         """``sdxl-12`` (LoRA Block Weight, blocks with attention) and ``sdxl-20`` (every block)."""

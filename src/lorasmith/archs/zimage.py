@@ -43,7 +43,7 @@ from lorasmith.archs._dit import (
     strip_prefix,
     weight_paths,
 )
-from lorasmith.archs.base import Alias, Architecture, Target
+from lorasmith.archs.base import Alias, Architecture, LayoutEntry, Target
 from lorasmith.hookspecs import hookimpl
 
 _QKV = ("attention.to_q", "attention.to_k", "attention.to_v")
@@ -122,6 +122,30 @@ class ZImage(DiTArchitecture):
                         ("lycoris", "lycoris_"),
                     ),
                 )
+
+    def layout_map(self, inventory_id: str) -> Mapping[str, LayoutEntry]:
+        """Canonical (ComfyUI) key -> diffusers ``ZImageTransformer2DModel`` key(s) (``z-image-diffusers``).
+
+        The renames of the module docstring; ``attention.qkv`` splits into equal ``to_q/to_k/to_v`` row
+        thirds. No transform: every other tensor is a plain rename.
+        """
+        inv = next((i for i in self.inventories() if i.id == inventory_id), None)
+        if inv is None or inv.layout != "diffusers-transformer":
+            return super().layout_map(inventory_id)
+        canonical = self.canonical_inventory(inv.variant)
+        out: dict[str, LayoutEntry] = {}
+        for key in canonical.tensors:
+            path, dot, leaf = key.rpartition(".")
+            if not dot:  # a bare parameter (x_pad_token): same name
+                out[key] = LayoutEntry(((key, None),))
+                continue
+            weight = canonical.tensors.get(path + ".weight")
+            mods = diffusers_modules(path, weight.shape if weight is not None else ())
+            if len(mods) == 1 and mods[0][1] is None:
+                out[key] = LayoutEntry(((f"{mods[0][0]}.{leaf}", None),))
+            else:
+                out[key] = LayoutEntry(tuple((f"{d}.{leaf}", sl[2] if sl else None) for d, sl in mods))
+        return out
 
     def block_of(self, key: str) -> str | None:
         """``IN``, ``NR0``/``NR1``, ``CR0``/``CR1``, ``L00``-``L29`` or ``OUT``; ``None`` for other keys.

@@ -1,5 +1,12 @@
 """Inputs and scratch storage of ``extract``: checkpoints and LoRAs read as per-key deltas, one key at a time.
 
+A checkpoint is read under canonical keys whatever its layout: a single file (with or without wrapper
+prefixes) through :func:`canonical_map`; a diffusers folder, or one file in a family's diffusers layout (a
+diffusers UNet, a FLUX/Z-Image diffusers transformer), through the family's
+:meth:`~lorasmith.archs.base.Architecture.layout_map` (:class:`~lorasmith.ops.layouts.LayoutSource`:
+split q/k/v parts are concatenated back into the fused canonical weight on read). Base and tuned may so
+be in two different layouts.
+
 Internal to :mod:`lorasmith.ops.extract`.
 """
 
@@ -12,11 +19,18 @@ from pathlib import Path
 
 import torch
 
-from lorasmith.archs.base import STRIP_PREFIXES, Architecture, Inventory, Target
-from lorasmith.errors import ArchMismatchError, DetectionError, InvalidFileError, ShapeMismatchError
+from lorasmith.archs.base import STRIP_PREFIXES, Architecture, Detection, Inventory, Target
+from lorasmith.errors import (
+    ArchMismatchError,
+    DetectionError,
+    InvalidFileError,
+    NotAvailableError,
+    ShapeMismatchError,
+)
 from lorasmith.io.dtypes import safetensors_dtype, torch_dtype
-from lorasmith.io.header import Header, read_header
+from lorasmith.io.header import Header, TensorInfo, read_header
 from lorasmith.io.reader import TensorFile, open_tensors
+from lorasmith.ops.layouts import LayoutSource, diffusers_inventory, main_weights
 from lorasmith.registry import get_registry
 
 __all__ = ["CheckpointInput", "LoraInput", "Spill", "canonical_map", "open_input"]
@@ -44,7 +58,12 @@ def canonical_map(header: Header, inventory: Inventory) -> dict[str, str]:
 
 @dataclass
 class CheckpointInput:
-    """A checkpoint opened for extraction: family, variant, canonical key map; tensors on demand."""
+    """A checkpoint opened for extraction: family, variant, canonical key map; tensors on demand.
+
+    For a checkpoint in a diffusers layout (``source`` set), ``header`` is a virtual header in canonical
+    names and shapes (the fused weights assembled), so ``keys`` is the identity and ``raw`` reads canonical
+    tensors; ``--as-checkpoint`` then writes the single-file layout.
+    """
 
     path: Path
     header: Header
@@ -52,15 +71,16 @@ class CheckpointInput:
     variant: str | None
     keys: dict[str, str]
     _tf: TensorFile | None = None
+    source: LayoutSource | None = None
 
     def tensor(self, key: str) -> torch.Tensor:
         """The tensor of canonical ``key`` (stored dtype, CPU)."""
-        if self._tf is None:
-            self._tf = open_tensors(self.path)
-        return self._tf.get(self.keys[key])
+        return self.raw(self.keys[key])
 
     def raw(self, file_key: str) -> torch.Tensor:
         """The tensor stored under the file's own ``file_key``."""
+        if self.source is not None:
+            return self.source.get(file_key)
         if self._tf is None:
             self._tf = open_tensors(self.path)
         return self._tf.get(file_key)
@@ -74,6 +94,31 @@ class CheckpointInput:
         if self._tf is not None:
             self._tf.close()
             self._tf = None
+        if self.source is not None:
+            self.source.close()
+
+
+def _layout_input(path: Path, weights: Path, family: Architecture, det: Detection) -> CheckpointInput | None:
+    """``path`` read through the family's diffusers layout map; ``None`` if it is not in that layout.
+
+    A folder always is; a single file is when detection names a non-canonical layout the family maps.
+    """
+    canonical = family.canonical_inventory(det.variant if det.variant in family.variants else None)
+    if not path.is_dir() and (det.layout is None or det.layout == canonical.layout):
+        return None
+    try:
+        inv = diffusers_inventory(family, canonical.variant)
+        family.layout_map(inv.id)
+    except NotAvailableError:
+        if path.is_dir():
+            raise
+        return None
+    if not path.is_dir() and det.layout != inv.layout:
+        return None
+    source = LayoutSource(path, family, inv)
+    tensors = {k: TensorInfo(k, d, s, 0, 0) for k in source.keys for d, s in [source.specs[k]]}
+    header = Header(weights, 0, 0, source.metadata, tensors)
+    return CheckpointInput(path, header, family, det.variant, {k: k for k in tensors}, source=source)
 
 
 @dataclass
@@ -144,10 +189,11 @@ def open_input(path: Path, *, role: str, arch: str | None, allow_lora: bool) -> 
     :raises InvalidFileError: a LoRA where a checkpoint is needed, or a file without known keys.
     :raises DetectionError: no family matches.
     """
-    header = read_header(path)
+    weights = main_weights(path)
+    header = read_header(weights)
     reg = get_registry()
     try:
-        det = reg.detect(header, arch=arch, source=str(path))
+        det = reg.detect(header, arch=arch, source=str(weights))
     except DetectionError as exc:
         raise DetectionError(f"{role} {exc.message}", hint=exc.hint) from None
     family = reg.get(det.arch)
@@ -168,6 +214,11 @@ def open_input(path: Path, *, role: str, arch: str | None, allow_lora: bool) -> 
                 continue
             targets.setdefault(info.alias.target.key, []).append((name, info.alias.target))
         return LoraInput(path, family, lf.variant, lf, targets, unresolved)
+    layout = _layout_input(path, weights, family, det)
+    if layout is not None:
+        if not layout.keys:
+            raise InvalidFileError(f"{path}: no {family.name} checkpoint keys", hint="check the file")
+        return layout
     inv = family.canonical_inventory(det.variant) if det.variant in family.variants else None
     inv = inv or family.canonical_inventory(None)
     keys = canonical_map(header, inv)

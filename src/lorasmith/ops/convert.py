@@ -226,13 +226,11 @@ def _convert_layout(
 ) -> ConvertResult:
     """Single file <-> diffusers folder through the family's layout map (:mod:`lorasmith.ops.layouts`)."""
     from lorasmith.io.header import read_header
-    from lorasmith.ops.layouts import SUBFOLDER, WEIGHTS_NAME, canonical_to_layout, layout_to_canonical
+    from lorasmith.ops.layouts import canonical_to_layout, layout_to_canonical, main_weights
     from lorasmith.registry import get_registry
 
     reg = get_registry()
-    weights = src / SUBFOLDER / WEIGHTS_NAME if src.is_dir() else src
-    if not weights.is_file():
-        raise InvalidFileError(f"{src}: no {SUBFOLDER}/{WEIGHTS_NAME} in this folder")
+    weights = main_weights(src)
     header = read_header(weights)
     det = reg.detect(header, arch=arch, source=str(weights))
     if det.kind == "lora":

@@ -1,25 +1,39 @@
 """Checkpoint layout conversion through a family's :meth:`~lorasmith.archs.base.Architecture.layout_map`.
 
 ``canonical -> layout``: each canonical tensor is read once and written as its layout key(s): renamed,
-split along ``dim`` into the entry's parts, and/or with its halves swapped. ``layout -> canonical`` does
-the inverse (parts concatenated, halves swapped back). No arithmetic touches a value, so a round trip is
-bit-exact. Row counts in a map are the real model's; a file whose tensors are smaller by a common factor
-(the shrunk test fixtures) gets them scaled proportionally.
+split along ``dim`` into the entry's parts, and/or rewritten by an exact transform. ``layout -> canonical``
+does the inverse. No arithmetic touches a value, so a round trip is bit-exact. Row counts in a map are the
+real model's; a file whose tensors are smaller by a common factor (the shrunk test fixtures) gets them
+scaled proportionally.
 
-A diffusers output is a folder holding ``transformer/diffusion_pytorch_model.safetensors`` and
-``transformer/config.json`` (written from the shapes of the converted weights), loadable with
-``FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer")``. Built-in maps today: FLUX.1
-(``bfl`` <-> ``diffusers-transformer``).
+Layout keys: a key without ``/`` belongs to the inventory's own model (``transformer/`` for a
+``diffusers-transformer`` inventory, ``unet/`` for ``diffusers-unet``); ``<subfolder>/<key>`` names another
+model of the diffusers folder (``vae/encoder.conv_in.weight``, ``text_encoder_2/text_projection.weight``).
+Transforms (:attr:`~lorasmith.archs.base.LayoutEntry.transform`), canonical -> layout:
+
+- ``swap_halves``: the two halves along ``dim`` exchanged (FLUX ``norm_out``);
+- ``drop_1x1``: a ``[C, C, 1, 1]`` 1x1 conv stored as a ``[C, C]`` linear (SD VAE mid-block attention);
+- ``transpose``: a 2-D tensor transposed (OpenCLIP ``text_projection`` -> HF ``text_projection.weight``).
+
+A diffusers output is a folder: each model's weights (``<sub>/diffusion_pytorch_model.safetensors``, or
+``<sub>/model.safetensors`` for the transformers text encoders) with a ``config.json`` written from the
+weights' shapes (:mod:`lorasmith.ops._diffusers_configs`), plus ``model_index.json`` and the scheduler config
+for whole pipelines. Canonical tensors that have no place in diffusers (the ldm schedule buffers, SD2's
+unused last text-encoder layer, ``logit_scale``) are kept verbatim in ``lorasmith_extras.safetensors`` at
+the folder root, which diffusers ignores and ``--to single`` reads back. The folder is built under a
+temporary name and renamed into place, so an interrupted run leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from types import TracebackType
+from typing import TYPE_CHECKING, NamedTuple
 
 from lorasmith.archs.base import Architecture, Inventory, LayoutEntry
 from lorasmith.errors import InvalidFileError, NotAvailableError, OutputExistsError
@@ -28,25 +42,83 @@ from lorasmith.progress import ProgressCallback, ProgressEvent
 if TYPE_CHECKING:
     import torch
 
+    from lorasmith.io.header import Header
+    from lorasmith.io.reader import TensorFile
     from lorasmith.ops.convert import ConvertResult
 
-__all__ = ["LAYOUT_WORDS", "canonical_to_layout", "layout_parts", "layout_to_canonical"]
+__all__ = [
+    "EXTRAS_NAME",
+    "LAYOUT_WORDS",
+    "FolderPlan",
+    "LayoutSource",
+    "canonical_to_layout",
+    "diffusers_inventory",
+    "layout_parts",
+    "layout_to_canonical",
+    "main_weights",
+    "plan_folder",
+]
 
 #: ``--to`` words for checkpoints: the diffusers layout, or back to the single-file (canonical) layout.
 LAYOUT_WORDS = {"diffusers": "diffusers", "single": "single", "original": "single", "bfl": "single"}
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-SUBFOLDER = "transformer"
+#: weights file of a transformers model (the text encoders) in a diffusers folder.
+TRANSFORMERS_WEIGHTS_NAME = "model.safetensors"
+#: canonical tensors without a diffusers home, kept verbatim at the folder root.
+EXTRAS_NAME = "lorasmith_extras.safetensors"
+#: the subfolders whose weights tell a diffusers folder's family.
+MAIN_SUBFOLDERS = ("transformer", "unet")
 
 
-def _diffusers_inventory(arch: Architecture, variant: str | None) -> Inventory:
+# --------------------------------------------------------------------------------------------- naming
+def diffusers_inventory(arch: Architecture, variant: str | None) -> Inventory:
+    """The family's diffusers inventory for ``variant`` (its layout starts with ``diffusers``).
+
+    :raises NotAvailableError: the family has none.
+    """
     for inv in arch.inventories():
         if inv.layout.startswith("diffusers") and (variant is None or inv.variant == variant):
             return inv
     raise NotAvailableError(
-        f"family {arch.id!r} has no diffusers layout", hint="only FLUX.1 layouts convert today"
+        f"family {arch.id!r} has no diffusers layout",
+        hint="layouts convert for FLUX.1, SD1/SD2, SDXL and Z-Image",
     )
 
 
+def default_subfolder(inv: Inventory) -> str:
+    """The subfolder of the inventory's own model: ``unet`` for ``diffusers-unet``, else ``transformer``."""
+    return "unet" if inv.layout == "diffusers-unet" else "transformer"
+
+
+def split_layout_key(key: str, default: str) -> tuple[str, str]:
+    """``(subfolder, key in that model)`` of a layout key (see the module docstring)."""
+    sub, sep, rest = key.partition("/")
+    return (sub, rest) if sep else (default, key)
+
+
+def weights_file_name(sub: str) -> str:
+    """The weights file of subfolder ``sub``: ``model.safetensors`` for text encoders."""
+    return TRANSFORMERS_WEIGHTS_NAME if sub.startswith("text_encoder") else WEIGHTS_NAME
+
+
+def main_weights(src: Path) -> Path:
+    """The file that tells a checkpoint's family: ``src`` itself, or a folder's transformer/UNet weights.
+
+    :raises InvalidFileError: a folder without ``transformer/`` or ``unet/`` safetensors weights.
+    """
+    if not src.is_dir():
+        return src
+    for sub in MAIN_SUBFOLDERS:
+        p = src / sub / WEIGHTS_NAME
+        if p.is_file():
+            return p
+    raise InvalidFileError(
+        f"{src}: no transformer/{WEIGHTS_NAME} or unet/{WEIGHTS_NAME} in this folder",
+        hint="give a diffusers folder with unsharded safetensors weights",
+    )
+
+
+# ------------------------------------------------------------------------------------------ transforms
 def layout_parts(entry: LayoutEntry, rows_total: int) -> list[tuple[str, int]]:
     """``(layout key, rows)`` of each part for a canonical tensor with ``rows_total`` rows along ``dim``."""
     if len(entry.parts) == 1:
@@ -65,6 +137,24 @@ def layout_parts(entry: LayoutEntry, rows_total: int) -> list[tuple[str, int]]:
     return out
 
 
+def layout_shape(shape: tuple[int, ...], transform: str | None) -> tuple[int, ...]:
+    """The shape a canonical tensor of ``shape`` has in the layout (before splitting)."""
+    if transform == "drop_1x1":
+        return shape[:2]
+    if transform == "transpose":
+        return shape[::-1]
+    return shape
+
+
+def canonical_shape(shape: tuple[int, ...], transform: str | None) -> tuple[int, ...]:
+    """The inverse of :func:`layout_shape`."""
+    if transform == "drop_1x1":
+        return (*shape, 1, 1)
+    if transform == "transpose":
+        return shape[::-1]
+    return shape
+
+
 def _swap(t: torch.Tensor, dim: int) -> torch.Tensor:
     import torch
 
@@ -72,40 +162,165 @@ def _swap(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([t.narrow(dim, h, t.shape[dim] - h), t.narrow(dim, 0, h)], dim=dim).contiguous()
 
 
-def _config(arch: Architecture, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, object]:
-    """``transformer/config.json`` of a FLUX diffusers folder, from the converted weights' shapes."""
-    head_dim = shapes["transformer_blocks.0.attn.norm_q.weight"][0]
-    hidden = shapes["x_embedder.weight"][0]
-    return {
-        "_class_name": "FluxTransformer2DModel",
-        "_diffusers_version": "0.30.0",
-        "patch_size": 1,
-        "in_channels": shapes["x_embedder.weight"][1],
-        "out_channels": None,
-        "num_layers": sum(
-            1 for k in shapes if k.startswith("transformer_blocks.") and k.endswith("attn.to_q.weight")
-        ),
-        "num_single_layers": sum(
-            1 for k in shapes if k.startswith("single_transformer_blocks.") and k.endswith("attn.to_q.weight")
-        ),
-        "attention_head_dim": head_dim,
-        "num_attention_heads": hidden // head_dim,
-        "joint_attention_dim": shapes["context_embedder.weight"][1],
-        "pooled_projection_dim": shapes["time_text_embed.text_embedder.linear_1.weight"][1],
-        "guidance_embeds": "time_text_embed.guidance_embedder.linear_1.weight" in shapes,
-        "axes_dims_rope": [16, 56, 56],
-    }
+def to_layout(t: torch.Tensor, entry: LayoutEntry) -> torch.Tensor:
+    """Apply ``entry.transform`` to a canonical tensor (values are moved, never computed)."""
+    if entry.transform == "swap_halves":
+        return _swap(t, entry.dim)
+    if entry.transform == "drop_1x1":
+        if t.dim() != 4 or t.shape[2:] != (1, 1):
+            raise InvalidFileError(f"expected a [C, C, 1, 1] tensor, got {list(t.shape)}")
+        return t.reshape(t.shape[0], t.shape[1])
+    if entry.transform == "transpose":
+        return t.t().contiguous()
+    if entry.transform is not None:
+        raise NotAvailableError(f"unknown layout transform {entry.transform!r}")
+    return t
 
 
-def _prep_folder(output: Path, overwrite: bool) -> Path:
-    if output.exists() and not overwrite:
-        raise OutputExistsError(f"{output}: output already exists", hint="pass --overwrite to replace it")
-    if output.exists() and not output.is_dir():
-        raise InvalidFileError(f"{output}: a diffusers output is a folder, and this is a file")
-    (output / SUBFOLDER).mkdir(parents=True, exist_ok=True)
-    return output / SUBFOLDER
+def to_canonical(t: torch.Tensor, entry: LayoutEntry) -> torch.Tensor:
+    """The inverse of :func:`to_layout`."""
+    if entry.transform == "swap_halves":
+        # the halves are equal in size, so swapping again restores the order
+        return _swap(t, entry.dim)
+    if entry.transform == "drop_1x1":
+        return t.reshape(*t.shape, 1, 1)
+    if entry.transform == "transpose":
+        return t.t().contiguous()
+    if entry.transform is not None:
+        raise NotAvailableError(f"unknown layout transform {entry.transform!r}")
+    return t
 
 
+# --------------------------------------------------------------------------------------------- reading
+class LayoutSource:
+    """A checkpoint in a family's diffusers layout (a folder or one weights file), read under canonical keys.
+
+    Fused canonical tensors are assembled from their parts on :meth:`get`, transforms undone; tensors of
+    ``lorasmith_extras.safetensors`` are read as they are. Use as a context manager.
+
+    :ivar keys: canonical keys available, in the canonical inventory's order.
+    :ivar specs: canonical key -> ``(safetensors dtype, canonical shape)``.
+    :ivar files: subfolder -> weights file read.
+    :raises InvalidFileError: a tensor the map does not know, or a fused tensor with only some parts.
+    """
+
+    def __init__(self, src: Path, arch: Architecture, inv: Inventory) -> None:
+        from lorasmith.io.header import read_header
+
+        self.src = src
+        self.mapping = arch.layout_map(inv.id)
+        default = default_subfolder(inv)
+        self._default = default
+        subs = {default} | {
+            split_layout_key(p, default)[0] for e in self.mapping.values() for p, _ in e.parts
+        }
+        self.files: dict[str, Path] = {}
+        extras: Path | None = None
+        if src.is_dir():
+            for sub in sorted(subs):
+                p = src / sub / weights_file_name(sub)
+                if p.is_file():
+                    self.files[sub] = p
+            extras = src / EXTRAS_NAME if (src / EXTRAS_NAME).is_file() else None
+        else:
+            self.files[default] = src
+        if not self.files:
+            raise InvalidFileError(
+                f"{src}: no weights of a {arch.name} diffusers folder", hint="check the folder"
+            )
+        self.headers: dict[str, Header] = {sub: read_header(p) for sub, p in self.files.items()}
+        self.specs: dict[str, tuple[str, tuple[int, ...]]] = {}
+        self._entries: dict[str, LayoutEntry] = {}
+        used: dict[str, set[str]] = {sub: set() for sub in self.files}
+        for key, entry in self.mapping.items():
+            names = [split_layout_key(p, default) for p, _ in entry.parts]
+            have = [sub in self.headers and n in self.headers[sub].tensors for sub, n in names]
+            if not all(have):
+                if any(have):
+                    raise InvalidFileError(
+                        f"{src}: only some parts of {key!r} are present", hint="the checkpoint is incomplete"
+                    )
+                continue
+            infos = [self.headers[sub].tensors[n] for sub, n in names]
+            if len({i.dtype for i in infos}) > 1:
+                raise InvalidFileError(f"{src}: the parts of {key!r} have different dtypes")
+            shape = list(infos[0].shape)
+            if len(infos) > 1:
+                shape[entry.dim] = sum(int(i.shape[entry.dim]) for i in infos)
+            self.specs[key] = (infos[0].dtype, canonical_shape(tuple(shape), entry.transform))
+            self._entries[key] = entry
+            for sub, n in names:
+                used[sub].add(n)
+        for sub, h in self.headers.items():
+            extra = sorted(set(h.tensors) - used[sub])
+            if extra:
+                raise InvalidFileError(
+                    f"{self.files[sub]}: {len(extra)} tensor(s) are not {arch.name} diffusers keys, "
+                    f"e.g. {extra[0]!r}",
+                    hint="give a diffusers checkpoint of this family",
+                )
+        self._extras: Header | None = read_header(extras) if extras is not None else None
+        if self._extras is not None:
+            for k, info in self._extras.tensors.items():
+                self.specs.setdefault(k, (info.dtype, tuple(info.shape)))
+        order = arch.canonical_inventory(inv.variant).tensors
+        self.keys: list[str] = [k for k in order if k in self.specs] + [
+            k for k in self.specs if k not in order
+        ]
+        self._open: dict[str, TensorFile] = {}
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The metadata of the main weights file."""
+        h = self.headers.get(self._default) or next(iter(self.headers.values()))
+        return dict(h.metadata)
+
+    @property
+    def paths(self) -> list[Path]:
+        """Every file read (weights and the extras file)."""
+        out = list(self.files.values())
+        if self._extras is not None:
+            out.append(self._extras.path)
+        return out
+
+    def _file(self, sub: str, path: Path) -> TensorFile:
+        from lorasmith.io.reader import open_tensors
+
+        if sub not in self._open:
+            self._open[sub] = open_tensors(path)
+        return self._open[sub]
+
+    def get(self, key: str) -> torch.Tensor:
+        """The canonical tensor ``key`` (its stored dtype, CPU)."""
+        import torch
+
+        entry = self._entries.get(key)
+        if entry is None:
+            assert self._extras is not None
+            return self._file(EXTRAS_NAME, self._extras.path).get(key)
+        parts = []
+        for p, _ in entry.parts:
+            sub, name = split_layout_key(p, self._default)
+            parts.append(self._file(sub, self.files[sub]).get(name))
+        t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=entry.dim)
+        return to_canonical(t, entry).contiguous()
+
+    def close(self) -> None:
+        """Close every open file."""
+        for tf in self._open.values():
+            tf.close()
+        self._open.clear()
+
+    def __enter__(self) -> LayoutSource:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------------------------- writing
 def _write_json(path: Path, data: Mapping[str, object]) -> None:
     # atomic like the tensor writer: a temporary file replaced into place
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -113,6 +328,81 @@ def _write_json(path: Path, data: Mapping[str, object]) -> None:
         json.dump(data, fh, indent=2, sort_keys=True)
         fh.write("\n")
     os.replace(tmp, path)
+
+
+def _check_folder_output(output: Path, overwrite: bool, src: Path) -> None:
+    if output.exists() and not overwrite:
+        raise OutputExistsError(f"{output}: output already exists", hint="pass --overwrite to replace it")
+    if output.exists() and not output.is_dir():
+        raise InvalidFileError(f"{output}: a diffusers output is a folder, and this is a file")
+    out_abs, src_abs = output.resolve(), src.resolve()
+    if out_abs == src_abs or out_abs in src_abs.parents:
+        raise OutputExistsError(
+            f"{output}: the output folder holds the input", hint="write the output to a new folder"
+        )
+    if not output.parent.is_dir():
+        raise InvalidFileError(
+            f"{output.parent}: output folder does not exist", hint="create the folder first"
+        )
+
+
+def _commit_folder(tmp: Path, output: Path) -> None:
+    """Move the finished folder ``tmp`` to ``output``, replacing an existing folder as a whole."""
+    if not output.exists():
+        os.rename(tmp, output)
+        return
+    old = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".old"))
+    os.rmdir(old)
+    os.rename(output, old)
+    os.rename(tmp, output)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class FolderPlan(NamedTuple):
+    """What :func:`canonical_to_layout` writes, per subfolder.
+
+    :ivar plans: subfolder -> layout key -> ``(dtype, shape)``.
+    :ivar order: subfolder -> the canonical keys written there, in input order.
+    :ivar extras: canonical keys without a place in the layout (kept in :data:`EXTRAS_NAME`).
+    """
+
+    plans: dict[str, dict[str, tuple[str, tuple[int, ...]]]]
+    order: dict[str, list[str]]
+    extras: list[str]
+
+
+def plan_folder(
+    arch: Architecture,
+    mapping: Mapping[str, LayoutEntry],
+    default: str,
+    specs: Mapping[str, tuple[str, tuple[int, ...]]],
+) -> FolderPlan:
+    """Plan the diffusers folder of canonical tensors ``specs`` (key -> ``(dtype, shape)``)."""
+    plans: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}
+    order: dict[str, list[str]] = {}
+    extras: list[str] = []
+    for key, (dtype, canon_shape) in specs.items():
+        entry = mapping.get(key)
+        if entry is None:
+            extras.append(key)
+            continue
+        shape = layout_shape(canon_shape, entry.transform)
+        subs = set()
+        for part, rows in layout_parts(entry, shape[entry.dim]):
+            sub, name = split_layout_key(part, default)
+            subs.add(sub)
+            plans.setdefault(sub, {})[name] = (dtype, (*shape[: entry.dim], rows, *shape[entry.dim + 1 :]))
+        if len(subs) != 1:
+            raise NotAvailableError(f"{arch.id}: the parts of {key!r} span several models")
+        order.setdefault(subs.pop(), []).append(key)
+    return FolderPlan(plans, order, extras)
+
+
+def _dtype_counts(specs: list[tuple[str, tuple[int, ...]]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for dtype, _shape in specs:
+        out[dtype] = out.get(dtype, 0) + 1
+    return dict(sorted(out.items()))
 
 
 def canonical_to_layout(
@@ -128,40 +418,78 @@ def canonical_to_layout(
     from lorasmith.io.header import read_header
     from lorasmith.io.reader import open_tensors
     from lorasmith.io.writer import SafetensorsWriter
+    from lorasmith.ops._diffusers_configs import folder_configs
     from lorasmith.ops.convert import RECORD_KEY, ConvertResult
 
-    inv = _diffusers_inventory(arch, variant)
+    inv = diffusers_inventory(arch, variant)
     mapping = arch.layout_map(inv.id)
+    default = default_subfolder(inv)
     header = read_header(src)
-    missing = [k for k in header.tensors if k not in mapping]
-    if missing:
+    known = arch.canonical_inventory(variant).tensors
+    unknown = [k for k in header.tensors if k not in mapping and k not in known]
+    if unknown:
         raise InvalidFileError(
-            f"{src}: {len(missing)} tensor(s) are not {arch.name} single-file keys, e.g. {missing[0]!r}",
+            f"{src}: {len(unknown)} tensor(s) are not {arch.name} single-file keys, e.g. {unknown[0]!r}",
             hint="give the family's original single-file checkpoint (no prefix)",
         )
-    plan: dict[str, tuple[str, tuple[int, ...]]] = {}
-    for key, info in header.tensors.items():
-        entry = mapping[key]
-        shape = tuple(info.shape)
-        for part, rows in layout_parts(entry, shape[entry.dim]):
-            plan[part] = (info.dtype, (*shape[: entry.dim], rows, *shape[entry.dim + 1 :]))
-    folder = _prep_folder(output, overwrite)
-    meta = dict(header.metadata)
-    meta[RECORD_KEY] = json.dumps({"layout": inv.layout}, separators=(",", ":"))
-    target = folder / WEIGHTS_NAME
-    with open_tensors(src) as tf, SafetensorsWriter(target, metadata=meta, overwrite=True, plan=plan) as w:
-        for i, key in enumerate(header.tensors):
-            entry = mapping[key]
-            t = tf.get(key)
-            if entry.transform == "swap_halves":
-                t = _swap(t, entry.dim)
-            start = 0
-            for part, rows in layout_parts(entry, t.shape[entry.dim]):
-                w.write(part, t.narrow(entry.dim, start, rows).contiguous())
-                start += rows
-            progress(ProgressEvent("writing", i + 1, len(header.tensors), key))
-        written = w.close()
-    _write_json(folder / "config.json", _config(arch, {k: s for k, (_, s) in plan.items()}))
+    _check_folder_output(output, overwrite, src)
+    specs = {k: (i.dtype, tuple(i.shape)) for k, i in header.tensors.items()}
+    plans, order, extras = plan_folder(arch, mapping, default, specs)
+    record = json.dumps({"layout": inv.layout}, separators=(",", ":"))
+    main_meta = {**header.metadata, RECORD_KEY: record}
+    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"))
+    total = len(header.tensors)
+    done = 0
+    file_bytes = 0
+    main_hash: str | None = None
+    try:
+        with open_tensors(src) as tf:
+            for sub, plan in plans.items():
+                (tmp / sub).mkdir()
+                meta = main_meta if sub == default else {RECORD_KEY: record}
+                target = tmp / sub / weights_file_name(sub)
+                with SafetensorsWriter(target, metadata=meta, plan=plan) as w:
+                    for key in order[sub]:
+                        entry = mapping[key]
+                        t = to_layout(tf.get(key), entry)
+                        start = 0
+                        for part, rows in layout_parts(entry, t.shape[entry.dim]):
+                            w.write(
+                                split_layout_key(part, default)[1],
+                                t.narrow(entry.dim, start, rows).contiguous(),
+                            )
+                            start += rows
+                        done += 1
+                        progress(ProgressEvent("writing", done, total, key))
+                    written = w.close()
+                file_bytes += written.file_bytes
+                if sub == default:
+                    main_hash = written.sshs_model_hash
+            if extras:
+                plan = {k: (header.tensors[k].dtype, tuple(header.tensors[k].shape)) for k in extras}
+                with SafetensorsWriter(tmp / EXTRAS_NAME, metadata={RECORD_KEY: record}, plan=plan) as w:
+                    for key in extras:
+                        w.write(key, tf.get(key))
+                        done += 1
+                        progress(ProgressEvent("writing", done, total, key))
+                    file_bytes += w.close().file_bytes
+        shapes = {sub: {k: s for k, (_, s) in plan.items()} for sub, plan in plans.items()}
+        dtypes = {sub: next(iter(plan.values()))[0] for sub, plan in plans.items() if plan}
+        for rel, cfg in folder_configs(arch.id, variant, shapes, dtypes).items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            _write_json(tmp / rel, cfg)
+        _commit_folder(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    warnings = []
+    if extras:
+        warnings.append(
+            f"{len(extras)} tensor(s) have no place in diffusers (e.g. {extras[0]}); kept in {EXTRAS_NAME}, "
+            "which diffusers ignores and --to single restores"
+        )
+    if arch.id in ("sd1", "sdxl"):
+        warnings.append("no tokenizer folders written: pass tokenizer= to from_pretrained or copy them")
     return ConvertResult(
         kind="checkpoint",
         input=str(src),
@@ -169,9 +497,13 @@ def canonical_to_layout(
         arch=arch.id,
         variant=variant,
         to_spelling=inv.layout,
-        tensors=len(plan),
-        file_bytes=written.file_bytes,
-        sshs_model_hash=written.sshs_model_hash,
+        tensors=sum(len(p) for p in plans.values()) + len(extras),
+        dtypes=_dtype_counts(
+            [spec for p in plans.values() for spec in p.values()] + [specs[k] for k in extras]
+        ),
+        file_bytes=file_bytes,
+        sshs_model_hash=main_hash,
+        warnings=warnings,
     )
 
 
@@ -184,58 +516,33 @@ def layout_to_canonical(
     overwrite: bool,
     progress: ProgressCallback,
 ) -> ConvertResult:
-    """Write a diffusers folder (or its weights file) ``src`` as the canonical single file ``output``."""
-    from lorasmith.io.header import read_header
-    from lorasmith.io.reader import open_tensors
+    """Write a diffusers folder (or one of its weights files) ``src`` as the canonical single file ``output``.
+
+    Every model of the folder that the family maps is read (a UNet-only folder gives a UNet-only file);
+    ``lorasmith_extras.safetensors`` puts back what the diffusers layout has no place for.
+    """
     from lorasmith.io.writer import SafetensorsWriter
     from lorasmith.ops.convert import RECORD_KEY, ConvertResult
 
-    weights = src / SUBFOLDER / WEIGHTS_NAME if src.is_dir() else src
-    if not weights.is_file():
-        raise InvalidFileError(
-            f"{src}: no {SUBFOLDER}/{WEIGHTS_NAME} in this folder", hint="give a diffusers folder"
-        )
-    inv = _diffusers_inventory(arch, variant)
-    mapping = arch.layout_map(inv.id)
-    header = read_header(weights)
-    plan: dict[str, tuple[str, tuple[int, ...]]] = {}
-    present = set(header.tensors)
-    used: set[str] = set()
-    for key, entry in mapping.items():
-        names = [p for p, _ in entry.parts]
-        if not all(n in present for n in names):
-            if any(n in present for n in names):
-                raise InvalidFileError(f"{weights}: only some parts of {key!r} are present")
-            continue
-        first = header.tensors[names[0]]
-        rows = sum(int(header.tensors[n].shape[entry.dim]) for n in names)
-        shape = tuple(first.shape)
-        plan[key] = (first.dtype, (*shape[: entry.dim], rows, *shape[entry.dim + 1 :]))
-        used.update(names)
-    extra = present - used
-    if extra:
-        raise InvalidFileError(
-            f"{weights}: {len(extra)} tensor(s) are not {arch.name} diffusers keys, "
-            f"e.g. {sorted(extra)[0]!r}",
-            hint="give a diffusers transformer of this family",
-        )
-    meta = {k: v for k, v in header.metadata.items() if k != RECORD_KEY}
-    meta[RECORD_KEY] = json.dumps({"layout": "single"}, separators=(",", ":"))
-    import torch
-
-    with (
-        open_tensors(weights) as tf,
-        SafetensorsWriter(output, metadata=meta, overwrite=overwrite, inputs=[weights], plan=plan) as w,
-    ):
-        for i, key in enumerate(plan):
-            entry = mapping[key]
-            parts = [tf.get(n) for n, _ in entry.parts]
-            t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=entry.dim)
-            if entry.transform == "swap_halves":
-                t = _swap(t, entry.dim)
-            w.write(key, t.contiguous())
-            progress(ProgressEvent("writing", i + 1, len(plan), key))
-        written = w.close()
+    inv = diffusers_inventory(arch, variant)
+    with LayoutSource(src, arch, inv) as source:
+        if not source.keys:
+            raise InvalidFileError(f"{src}: no {arch.name} tensors found", hint="give a diffusers folder")
+        meta = {k: v for k, v in source.metadata.items() if k != RECORD_KEY}
+        meta[RECORD_KEY] = json.dumps({"layout": "single"}, separators=(",", ":"))
+        plan = {k: source.specs[k] for k in source.keys}
+        with SafetensorsWriter(
+            output, metadata=meta, overwrite=overwrite, inputs=source.paths, plan=plan
+        ) as w:
+            for i, key in enumerate(source.keys):
+                w.write(key, source.get(key))
+                progress(ProgressEvent("writing", i + 1, len(source.keys), key))
+            written = w.close()
+    warnings = []
+    canonical = arch.canonical_inventory(variant)
+    missing = [k for k in canonical.tensors if k not in plan and k not in canonical.optional]
+    if missing:
+        warnings.append(f"{len(missing)} single-file tensor(s) were not in the input, e.g. {missing[0]}")
     return ConvertResult(
         kind="checkpoint",
         input=str(src),
@@ -244,6 +551,8 @@ def layout_to_canonical(
         variant=variant,
         to_spelling="single",
         tensors=len(plan),
+        dtypes=_dtype_counts(list(plan.values())),
         file_bytes=written.file_bytes,
         sshs_model_hash=written.sshs_model_hash,
+        warnings=warnings,
     )
