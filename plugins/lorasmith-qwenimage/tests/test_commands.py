@@ -120,5 +120,35 @@ def test_convert_between_spellings(tmp_path: Path, to: str) -> None:
 
 
 @pytest.mark.skipif(not _has("extract"), reason="lorasmith extract is not in the tree yet")
-def test_extract(tmp_path: Path) -> None:  # pragma: no cover - runs once the command lands
-    pytest.skip("lorasmith extract landed: write its Qwen-Image test (base vs make_tuned) here")
+def test_extract_recovers_a_planted_delta(tmp_path: Path) -> None:
+    from lorasmith.adapters import parse_module
+    from lorasmith.archs.base import lora_modules
+    from lorasmith.io.reader import load_all
+    from lorasmith.testing import make_tuned
+
+    arch = QwenImage()
+    base_path, tuned_path, out = (
+        tmp_path / "b.safetensors",
+        tmp_path / "t.safetensors",
+        tmp_path / "l.safetensors",
+    )
+    base = make_checkpoint(arch, base_path)
+    keys = [
+        k
+        for k, t in base.items()
+        if k.startswith("transformer_blocks.3.") and t.ndim == 2 and min(t.shape) >= 8
+    ]
+    assert keys
+    deltas = make_tuned(arch, base, tuned_path, modules=keys, rank=2)
+    _invoke("extract", "--base", str(base_path), "--tuned", str(tuned_path), "-o", str(out), "--rank", "2")
+    assert _inspect(out)["arch"] == "qwenimage"
+    tensors = load_all(out)
+    table = arch.alias_table()
+    got: dict[str, torch.Tensor] = {}
+    for name, parts in lora_modules(tensors).items():
+        module = parse_module(name, {suffix: tensors[key] for suffix, key in parts.items()})
+        got[table[name].target.key] = module.delta(dtype=torch.float64)
+    for key in keys:
+        want = deltas[key].double()
+        err = (got[key] - want).norm() / want.norm()
+        assert err < 1e-3, (key, float(err))
