@@ -8,7 +8,17 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
-from lorasmith.commands._common import ArchOpt, JsonOpt, OverwriteOpt, QuietOpt, VerboseOpt, guarded
+from lorasmith.commands._common import (
+    AllowNonfiniteOpt,
+    ArchOpt,
+    JsonOpt,
+    OverwriteOpt,
+    QuietOpt,
+    VerboseOpt,
+    VerifyOpt,
+    guarded,
+    write_checks,
+)
 from lorasmith.output import emit
 from lorasmith.progress import cli_progress
 
@@ -50,12 +60,13 @@ def render(console: Console, r: ConvertResult) -> None:
 @guarded
 def command(
     input: Annotated[
-        Path,
+        Path | None,
         typer.Argument(help="A LoRA or checkpoint (.safetensors), a .ckpt/.pt/.pth, or a diffusers folder."),
-    ],
+    ] = None,
     output: Annotated[
-        Path, typer.Option("-o", "--output", help="Output .safetensors file (a folder for --to diffusers).")
-    ],
+        Path | None,
+        typer.Option("-o", "--output", help="Output .safetensors file (a folder for --to diffusers)."),
+    ] = None,
     to: Annotated[
         str | None,
         typer.Option(
@@ -85,7 +96,28 @@ def command(
     lossy_rank: Annotated[
         int | None, typer.Option("--lossy-rank", help="Largest rank of a lossy module.")
     ] = None,
+    assemble: Annotated[
+        bool, typer.Option("--assemble", help="Assemble the part files given below into one checkpoint.")
+    ] = False,
+    split: Annotated[
+        Path | None, typer.Option("--split", help="Split this checkpoint into part files (--output-dir).")
+    ] = None,
+    output_dir: Annotated[
+        Path | None, typer.Option("--output-dir", help="--split: folder of the part files.")
+    ] = None,
+    transformer: Annotated[
+        Path | None, typer.Option("--transformer", "--unet", help="--assemble: the diffusion model file.")
+    ] = None,
+    vae: Annotated[Path | None, typer.Option("--vae", help="--assemble: the VAE file.")] = None,
+    clip_l: Annotated[Path | None, typer.Option("--clip-l", help="--assemble: the CLIP-L file.")] = None,
+    clip_g: Annotated[Path | None, typer.Option("--clip-g", help="--assemble: the CLIP-G file.")] = None,
+    t5xxl: Annotated[Path | None, typer.Option("--t5xxl", help="--assemble: the T5-XXL file.")] = None,
+    text_encoder: Annotated[
+        Path | None, typer.Option("--text-encoder", help="--assemble: Z-Image's Qwen3 (or SD2's) encoder.")
+    ] = None,
     arch: ArchOpt = None,
+    allow_nonfinite: AllowNonfiniteOpt = False,
+    verify: VerifyOpt = False,
     overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
@@ -96,7 +128,46 @@ def command(
     from lorasmith.ops.convert import convert
 
     _VERBOSE = verbose
-    with cli_progress(enabled=not quiet and not as_json) as progress:
+    parts = {
+        "transformer": transformer,
+        "vae": vae,
+        "clip_l": clip_l,
+        "clip_g": clip_g,
+        "t5xxl": t5xxl,
+        "text_encoder": text_encoder,
+    }
+    if assemble or split is not None or any(v is not None for v in parts.values()):
+        from lorasmith.commands._components import run_convert
+
+        with (
+            write_checks(allow_nonfinite=allow_nonfinite, verify=verify),
+            cli_progress(enabled=not quiet and not as_json) as progress,
+        ):
+            dts = {"dtype": dtype, "unet_dtype": unet_dtype, "te_dtype": te_dtype, "vae_dtype": vae_dtype}
+            run_convert(
+                assemble=assemble or split is None,
+                split=split,
+                parts=parts,
+                input=input,
+                output=output,
+                output_dir=output_dir,
+                dtypes=dts,
+                arch=arch,
+                overwrite=overwrite,
+                as_json=as_json,
+                progress=progress,
+            )
+        return
+    if input is None or output is None:
+        from lorasmith.errors import UsageError
+
+        raise UsageError(
+            "convert needs an INPUT and -o OUTPUT", hint="lorasmith convert IN -o OUT (see --help)"
+        )
+    with (
+        write_checks(allow_nonfinite=allow_nonfinite, verify=verify),
+        cli_progress(enabled=not quiet and not as_json) as progress,
+    ):
         result = convert(
             input,
             output,

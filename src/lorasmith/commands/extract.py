@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lorasmith.commands._common import (
+    AllowNonfiniteOpt,
     ArchOpt,
     DeviceOpt,
     JsonOpt,
@@ -17,7 +18,9 @@ from lorasmith.commands._common import (
     OverwriteOpt,
     QuietOpt,
     VerboseOpt,
+    VerifyOpt,
     guarded,
+    write_checks,
 )
 from lorasmith.output import emit
 from lorasmith.progress import cli_progress
@@ -129,6 +132,8 @@ def command(
     summary: Annotated[bool, typer.Option("--summary", help="Per-block table.")] = False,
     verbose: VerboseOpt = False,
     arch: ArchOpt = None,
+    allow_nonfinite: AllowNonfiniteOpt = False,
+    verify: VerifyOpt = False,
     overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -139,7 +144,10 @@ def command(
 
     if mode is not None and mode not in ("common", "union"):
         raise UsageError(f"unknown --mode {mode!r}", hint="use common or union")
-    with cli_progress(enabled=not quiet and not as_json) as progress:
+    with (
+        write_checks(allow_nonfinite=allow_nonfinite, verify=verify),
+        cli_progress(enabled=not quiet and not as_json) as progress,
+    ):
         result = extract(
             base,
             tuned,

@@ -8,7 +8,16 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
-from lorasmith.commands._common import ArchOpt, JsonOpt, OutputOpt, OverwriteOpt, QuietOpt, guarded
+from lorasmith.commands._common import (
+    AllowNonfiniteOpt,
+    ArchOpt,
+    JsonOpt,
+    OverwriteOpt,
+    QuietOpt,
+    VerifyOpt,
+    guarded,
+    write_checks,
+)
 from lorasmith.output import emit
 from lorasmith.progress import cli_progress
 
@@ -43,7 +52,16 @@ def command(
             help="LoRA files (or checkpoints with --models), each FILE[:RATIO].", show_default=False
         ),
     ] = None,
-    output: OutputOpt = Path("merged.safetensors"),
+    output: Annotated[
+        Path | None,
+        typer.Option("-o", "--output", help="Output file [default: merged.safetensors].", dir_okay=False),
+    ] = None,
+    recipe: Annotated[
+        Path | None,
+        typer.Option(
+            "--recipe", help="Read the whole merge from a YAML recipe (see docs/merge.md).", dir_okay=False
+        ),
+    ] = None,
     base: Annotated[Path | None, typer.Option("--base", help="Bake the LoRAs into this checkpoint.")] = None,
     models: Annotated[
         bool, typer.Option("--models", help="The positional files are checkpoints to merge (FILE[:RATIO]).")
@@ -72,14 +90,98 @@ def command(
     precision: Annotated[str, typer.Option("--precision", help="Compute dtype.")] = "float32",
     save_dtype: Annotated[str | None, typer.Option("--save-dtype", help="Output dtype.")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Bake: unmatched LoRA keys are an error.")] = False,
+    clip_l: Annotated[Path | None, typer.Option("--clip-l", help="Bake: a separate CLIP-L file.")] = None,
+    clip_l_out: Annotated[Path | None, typer.Option("--clip-l-out", help="Bake: baked CLIP-L file.")] = None,
+    clip_g: Annotated[Path | None, typer.Option("--clip-g", help="Bake: a separate CLIP-G file.")] = None,
+    clip_g_out: Annotated[Path | None, typer.Option("--clip-g-out", help="Bake: baked CLIP-G file.")] = None,
+    t5xxl: Annotated[Path | None, typer.Option("--t5xxl", help="Bake: a separate T5-XXL file.")] = None,
+    t5xxl_out: Annotated[Path | None, typer.Option("--t5xxl-out", help="Bake: baked T5-XXL file.")] = None,
+    text_encoder: Annotated[
+        Path | None, typer.Option("--text-encoder", help="Bake: a separate text-encoder file.")
+    ] = None,
+    text_encoder_out: Annotated[
+        Path | None, typer.Option("--text-encoder-out", help="Bake: baked text-encoder file.")
+    ] = None,
     arch: ArchOpt = None,
+    allow_nonfinite: AllowNonfiniteOpt = False,
+    verify: VerifyOpt = False,
     overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Merge LoRAs (exact or SVD), bake LoRAs into a checkpoint, or merge checkpoints; streams."""
-    from lorasmith.errors import LorasmithError
+    from lorasmith.errors import LorasmithError, UsageError
     from lorasmith.ops.merge import merge
+
+    if recipe is not None:
+        from lorasmith.ops.recipes import load_recipe, recipe_arguments
+
+        given = {
+            "FILES": bool(loras),
+            "--base": base is not None,
+            "--models": models,
+            "--ratios": ratios is not None,
+            "--method": method != "weighted-sum",
+            "--rank": rank is not None,
+            "--dynamic": dynamic is not None,
+            "--to": to is not None,
+            "--blocks": blocks is not None,
+            "--unet-only": unet_only,
+            "--save-dtype": save_dtype is not None,
+            "--strict": strict,
+            "--arch": arch is not None,
+        }
+        clash = [name for name, on in given.items() if on]
+        if clash:
+            raise UsageError(
+                f"--recipe takes the merge from the file; also given: {', '.join(clash)}",
+                hint="put these in the recipe (only -o, --overwrite, --json and -q combine with --recipe)",
+            )
+        args = recipe_arguments(load_recipe(recipe), recipe.parent, None if output is None else str(output))
+        if output is not None:  # -o given on the command line wins over the recipe's output
+            args["output"] = str(output)
+        args["overwrite"] = args["overwrite"] or overwrite
+        with (
+            write_checks(allow_nonfinite=allow_nonfinite, verify=verify),
+            cli_progress(enabled=not quiet and not as_json) as progress,
+        ):
+            result = merge(**args, progress=progress)
+        emit(result, as_json, render)
+        return
+
+    te_parts = {
+        "clip_l": (clip_l, clip_l_out),
+        "clip_g": (clip_g, clip_g_out),
+        "t5xxl": (t5xxl, t5xxl_out),
+        "text_encoder": (text_encoder, text_encoder_out),
+    }
+    if any(a is not None or b is not None for a, b in te_parts.values()):
+        from lorasmith.commands._components import run_bake
+
+        if base is None or models or ratios is not None:
+            raise UsageError(
+                "separate text-encoder files go with --base (and FILE:RATIO, not --ratios)",
+                hint="merge --base MODEL LORA:1.0 --clip-l F --clip-l-out OUT -o OUT",
+            )
+        with (
+            write_checks(allow_nonfinite=allow_nonfinite, verify=verify),
+            cli_progress(enabled=not quiet and not as_json) as progress,
+        ):
+            run_bake(
+                base=base,
+                loras=loras or [],
+                output=output if output is not None else Path("merged.safetensors"),
+                parts=te_parts,
+                arch=arch,
+                blocks=blocks,
+                precision=precision,
+                save_dtype=save_dtype,
+                strict=strict,
+                overwrite=overwrite,
+                as_json=as_json,
+                progress=progress,
+            )
+        return
 
     ratio_list: list[float] | None = None
     if ratios is not None:
@@ -87,10 +189,13 @@ def command(
             ratio_list = [float(x) for x in ratios.split(",")]
         except ValueError:
             raise LorasmithError(f"bad --ratios {ratios!r}", hint="write numbers like 0.7,0.3") from None
-    with cli_progress(enabled=not quiet and not as_json) as progress:
+    with (
+        write_checks(allow_nonfinite=allow_nonfinite, verify=verify),
+        cli_progress(enabled=not quiet and not as_json) as progress,
+    ):
         result = merge(
             [] if models else (loras or []),
-            output=output,
+            output=output if output is not None else Path("merged.safetensors"),
             base=base,
             models=(loras or []) if models else [],
             ratios=ratio_list,

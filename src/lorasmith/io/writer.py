@@ -19,6 +19,19 @@ Two modes:
 
 With ``hashes=True`` the metadata gets ``sshs_model_hash`` and ``sshs_legacy_hash`` (see
 :mod:`lorasmith.io.hashes`), and ``modelspec.hash_sha256`` when it holds ``modelspec.sai_model_spec``.
+
+Checks, all made before anything is renamed into place:
+
+- *finite values* (``check_finite``, on by default): a floating-point tensor holding NaN or infinite
+  values raises :class:`NonFiniteError` naming it, so an output never contains them unless asked for
+  (``--allow-nonfinite``, or :func:`write_policy` / ``check_finite=False``);
+- *header*: the finished file's header is re-read and compared with what was planned (always);
+- *data* (``verify_data``, ``--verify``): every tensor's bytes are re-read from the file (after dropping it
+  from the page cache where the platform allows) and their sha256 compared with the one computed from the
+  tensor while writing, and the whole data section with ``sshs_model_hash``.
+
+:func:`write_policy` sets the defaults of the last two for every writer created inside it (the commands'
+``--allow-nonfinite`` and ``--verify`` options), and collects the non-finite tensors written while allowed.
 """
 
 from __future__ import annotations
@@ -26,16 +39,19 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import signal
 import struct
 import tempfile
+import threading
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import TYPE_CHECKING
+from types import FrameType, TracebackType
+from typing import TYPE_CHECKING, Any
 
-from lorasmith.errors import InvalidFileError, OutputExistsError
+from lorasmith.errors import InvalidFileError, LorasmithError, OutputExistsError
 from lorasmith.io.dtypes import header_shape, safetensors_dtype
 from lorasmith.io.hashes import iter_file_range, legacy_hash, ss_metadata
 from lorasmith.io.header import TensorInfo, read_header
@@ -44,7 +60,18 @@ from lorasmith.io.layout import encode_header, plan_layout, serialize_prefix
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["SafetensorsWriter", "WriteResult", "check_output_path", "save_file"]
+__all__ = [
+    "NonFiniteError",
+    "NonFiniteTensor",
+    "SafetensorsWriter",
+    "WritePolicy",
+    "WriteResult",
+    "allow_nonfinite",
+    "check_output_path",
+    "nonfinite_counts",
+    "save_file",
+    "write_policy",
+]
 
 MODEL_HASH_KEY = "sshs_model_hash"
 LEGACY_HASH_KEY = "sshs_legacy_hash"
@@ -53,6 +80,175 @@ MODELSPEC_HASH_KEY = "modelspec.hash_sha256"
 
 _PLACEHOLDER_MODEL = "0" * 64
 _PLACEHOLDER_LEGACY = "0" * 8
+
+# elements per isfinite() pass: bounds the temporary boolean mask at 16 MiB whatever the tensor size
+_FINITE_CHUNK = 1 << 24
+
+
+# ------------------------------------------------------------------------------------- write policy
+@dataclass(frozen=True)
+class NonFiniteTensor:
+    """A tensor written (or refused) with NaN or infinite values.
+
+    :ivar path: the output file.
+    :ivar name: the tensor name.
+    :ivar nan: number of NaN values.
+    :ivar inf: number of infinite values.
+    """
+
+    path: Path
+    name: str
+    nan: int
+    inf: int
+
+    def describe(self) -> str:
+        """``"3 NaN and 1 infinite value(s)"``, naming only the kinds present."""
+        return _describe_counts(self.nan, self.inf)
+
+
+def _describe_counts(nan: int, inf: int) -> str:
+    parts = [f"{nan} NaN"] if nan else []
+    if inf:
+        parts.append(f"{inf} infinite")
+    return " and ".join(parts or ["0 non-finite"]) + (" value" if nan + inf == 1 else " values")
+
+
+class NonFiniteError(LorasmithError):
+    """A tensor about to be written holds NaN or infinite values and non-finite values are not allowed.
+
+    :ivar tensor: what was found (output path, tensor name, counts).
+    """
+
+    def __init__(self, tensor: NonFiniteTensor) -> None:
+        super().__init__(
+            f"{tensor.path}: output tensor {tensor.name!r} would hold {tensor.describe()}",
+            hint="an input holds NaN/Inf or the computation overflowed (try a wider --save-dtype); "
+            "pass --allow-nonfinite to write it anyway",
+        )
+        self.tensor = tensor
+
+
+@dataclass
+class WritePolicy:
+    """Defaults for the writers created inside :func:`write_policy`, and what they met.
+
+    :ivar allow_nonfinite: write NaN/Inf values instead of raising :class:`NonFiniteError`.
+    :ivar verify_data: re-read every written file's data and compare hashes.
+    :ivar nonfinite: tensors written with NaN/Inf values (only while allowed), in write order.
+    """
+
+    allow_nonfinite: bool = False
+    verify_data: bool = False
+    nonfinite: list[NonFiniteTensor] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def record(self, tensor: NonFiniteTensor) -> None:
+        """Note a non-finite tensor that was written (thread-safe)."""
+        with self._lock:
+            self.nonfinite.append(tensor)
+
+
+_POLICY: ContextVar[WritePolicy | None] = ContextVar("lorasmith_write_policy", default=None)
+
+
+@contextlib.contextmanager
+def write_policy(
+    *, allow_nonfinite: bool | None = None, verify_data: bool | None = None
+) -> Iterator[WritePolicy]:
+    """Set the defaults of every :class:`SafetensorsWriter` created inside the ``with`` block.
+
+    A value left ``None`` is inherited from an enclosing policy (default: refuse non-finite values, no
+    data verification). The policy is read when a writer is created, so a writer made in this thread keeps
+    it even when worker threads write its tensors.
+
+    :return: the policy; its :attr:`~WritePolicy.nonfinite` lists the non-finite tensors written.
+    """
+    outer = _POLICY.get()
+    policy = WritePolicy(
+        allow_nonfinite=allow_nonfinite
+        if allow_nonfinite is not None
+        else (outer.allow_nonfinite if outer else False),
+        verify_data=verify_data if verify_data is not None else (outer.verify_data if outer else False),
+    )
+    token = _POLICY.set(policy)
+    try:
+        yield policy
+    finally:
+        _POLICY.reset(token)
+
+
+def allow_nonfinite() -> contextlib.AbstractContextManager[WritePolicy]:
+    """``with allow_nonfinite():`` writers created inside write NaN/Inf values instead of refusing them."""
+    return write_policy(allow_nonfinite=True)
+
+
+def nonfinite_counts(tensor: torch.Tensor) -> tuple[int, int]:
+    """``(NaN count, infinite count)`` of a tensor; ``(0, 0)`` for integer, boolean and packed dtypes.
+
+    Works through the tensor in chunks, so the temporary mask stays small whatever its size; the common
+    all-finite case costs one ``isfinite`` pass.
+    """
+    import torch
+
+    t = tensor.detach()
+    if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
+        return 0, 0
+    flat = t.reshape(-1)
+    nan = inf = 0
+    for start in range(0, flat.numel(), _FINITE_CHUNK):
+        chunk = flat[start : start + _FINITE_CHUNK]
+        if chunk.element_size() == 1:  # float8 kinds: isfinite is not implemented for them
+            try:
+                chunk = chunk.float()
+            except (RuntimeError, TypeError):  # pragma: no cover - a packed dtype torch cannot widen
+                return 0, 0
+        try:
+            if bool(torch.isfinite(chunk).all()):
+                continue
+        except (RuntimeError, NotImplementedError):  # pragma: no cover - a dtype without isfinite
+            return 0, 0
+        nan += int(torch.isnan(chunk).sum())
+        inf += int(torch.isinf(chunk).sum())
+    return nan, inf
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM back while a temporary file is created and recorded, then act on them.
+
+    Python runs signal handlers in the main thread only, so this swaps the handlers there for one that
+    notes the signal, restores them at the end and calls the original handler for each signal noted
+    (``KeyboardInterrupt`` for SIGINT and, under the CLI, SIGTERM). In other threads no handler can raise,
+    and nothing is changed.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    noted: list[tuple[int, FrameType | None]] = []
+
+    def note(signum: int, frame: FrameType | None) -> None:
+        noted.append((signum, frame))
+
+    old: dict[int, Any] = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old[sig] = signal.signal(sig, note)
+    except (ValueError, OSError):  # pragma: no cover - an embedding that forbids signal handlers
+        for num, handler in old.items():
+            signal.signal(num, handler)
+        yield
+        return
+    try:
+        yield
+    finally:
+        for num, handler in old.items():
+            signal.signal(num, handler)
+        for signum, frame in noted:
+            handler = old[signum]
+            if callable(handler):
+                handler(signum, frame)
+            elif handler == signal.SIG_DFL:  # pragma: no cover - the CLI always has handlers installed
+                os.kill(os.getpid(), signum)
 
 
 @dataclass(frozen=True)
@@ -65,6 +261,7 @@ class WriteResult:
     :ivar file_bytes: size of the file.
     :ivar sshs_model_hash: sha256 hex of the data section (``None`` when hashes were off).
     :ivar sshs_legacy_hash: the kohya legacy hash (``None`` when hashes were off).
+    :ivar verified: the data was re-read from the file and its hashes compared (``verify_data``).
     """
 
     path: Path
@@ -73,6 +270,7 @@ class WriteResult:
     file_bytes: int
     sshs_model_hash: str | None
     sshs_legacy_hash: str | None
+    verified: bool = False
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -152,19 +350,30 @@ class _TempFile:
     """The temporary file being written; removes itself unless committed."""
 
     def __init__(self, parent: Path, name: str) -> None:
+        created = False
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
-        except OSError as exc:
-            raise InvalidFileError(
-                f"{parent}: cannot create a file in the output folder ({exc.strerror or exc})",
-                hint="choose another folder or fix its permissions",
-            ) from exc
-        self.path = Path(tmp)
-        self.fh = os.fdopen(fd, "r+b", buffering=0)
+            with _signals_deferred():  # an interrupt between creating and recording would leak the file
+                try:
+                    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
+                except OSError as exc:
+                    raise InvalidFileError(
+                        f"{parent}: cannot create a file in the output folder ({exc.strerror or exc})",
+                        hint="choose another folder or fix its permissions",
+                    ) from exc
+                self.path = Path(tmp)
+                created = True
+                self.fh = os.fdopen(fd, "r+b", buffering=0)
+        except BaseException:
+            # a signal held back above is raised as the block ends: the file is known by then
+            if created:
+                self.discard()
+            raise
 
     def discard(self) -> None:
-        with contextlib.suppress(OSError):
-            self.fh.close()
+        fh = getattr(self, "fh", None)  # not there when the descriptor could not be wrapped
+        if fh is not None:
+            with contextlib.suppress(OSError):
+                fh.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
 
@@ -179,6 +388,10 @@ class SafetensorsWriter:
     :param plan: name -> ``(safetensors dtype, header shape)`` of every tensor, for streaming (planned) mode.
     :param hashes: add ``sshs_model_hash``, ``sshs_legacy_hash`` (and ``modelspec.hash_sha256``) to the
         metadata; when false the metadata is written as given.
+    :param check_finite: refuse floating-point tensors holding NaN/Inf (:class:`NonFiniteError`);
+        ``None`` follows the current :func:`write_policy` (default: refuse).
+    :param verify_data: after writing, re-read the data and compare sha256 hashes with those computed
+        while writing; ``None`` follows the current :func:`write_policy` (default: off).
     :raises OutputExistsError, InvalidFileError: see :func:`check_output_path`.
     :raises ValueError: a bad plan (unknown dtype, duplicate name...) or metadata that is not str -> str.
     """
@@ -192,8 +405,20 @@ class SafetensorsWriter:
         inputs: Iterable[str | os.PathLike[str]] = (),
         plan: Mapping[str, tuple[str, Sequence[int]]] | None = None,
         hashes: bool = True,
+        check_finite: bool | None = None,
+        verify_data: bool | None = None,
     ) -> None:
         self.path = check_output_path(path, overwrite=overwrite, inputs=inputs)
+        policy = _POLICY.get()
+        self._policy = policy
+        self._check_finite = (
+            check_finite if check_finite is not None else not (policy is not None and policy.allow_nonfinite)
+        )
+        self._verify_data = (
+            verify_data if verify_data is not None else (policy is not None and policy.verify_data)
+        )
+        self._digests: dict[str, bytes] = {}
+        self._final_meta: dict[str, str] | None = None
         if metadata is not None:
             for key, value in metadata.items():
                 if not isinstance(key, str) or not isinstance(value, str):
@@ -273,7 +498,20 @@ class SafetensorsWriter:
         except OSError as exc:
             raise self._write_error(exc) from exc
 
-    def _write_planned(self, name: str, tensor: torch.Tensor) -> None:
+    def _finite(self, name: str, tensor: torch.Tensor) -> None:
+        """Refuse (or, when allowed, record) a tensor holding NaN or infinite values."""
+        if not self._check_finite and self._policy is None:
+            return  # nothing would refuse or record it: skip the pass over the data
+        nan, inf = nonfinite_counts(tensor)
+        if not (nan or inf):
+            return
+        found = NonFiniteTensor(self.path, name, nan, inf)
+        if self._check_finite:
+            raise NonFiniteError(found)
+        if self._policy is not None:
+            self._policy.record(found)
+
+    def _write_planned(self, name: str, tensor: torch.Tensor, *, check: bool = True) -> None:
         info = self._layout.get(name)
         if info is None:
             raise ValueError(f"{self.path}: tensor {name!r} is not in the plan")
@@ -285,11 +523,15 @@ class SafetensorsWriter:
                 f"{self.path}: tensor {name!r} is {dtype} {list(shape)}, "
                 f"the plan says {info.dtype} {list(info.shape)}"
             )
+        if check:
+            self._finite(name, tensor)
         data = _tensor_bytes(tensor)
         if data.nbytes != info.nbytes:  # pragma: no cover - guaranteed by the dtype and shape check
             raise ValueError(f"{self.path}: tensor {name!r} has {data.nbytes} bytes, expected {info.nbytes}")
         if data.nbytes:
             self._pwrite(data, self._data_offset + info.start)
+        if self._verify_data:
+            self._digests[name] = hashlib.sha256(data).digest()
         self._written.add(name)
         if self._hashes and info.start == self._hashed_upto:
             self._hasher.update(data)
@@ -308,6 +550,8 @@ class SafetensorsWriter:
 
         :raises ValueError: a name not in the plan, written twice, or of another dtype/shape than planned.
         :raises TypeError: ``tensor`` is not a torch tensor.
+        :raises NonFiniteError: the tensor holds NaN/Inf values and they are not allowed (the writer is
+            aborted: the temporary file is removed).
         :raises InvalidFileError: the disk refused the write.
         """
         self._check_open()
@@ -320,6 +564,7 @@ class SafetensorsWriter:
                 if name == "__metadata__":
                     raise ValueError("'__metadata__' cannot be a tensor name")
                 _describe(tensor)
+                self._finite(name, tensor)
                 self._pending[name] = tensor
         except (ValueError, TypeError):
             raise
@@ -361,7 +606,7 @@ class SafetensorsWriter:
                 specs.append((name, dtype, shape))
             self._start(plan_layout(specs))
             for info in list(self._layout.values()):
-                self._write_planned(info.name, pending.pop(info.name))
+                self._write_planned(info.name, pending.pop(info.name), check=False)
         missing = [n for n in self._layout if n not in self._written]
         if missing:
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
@@ -377,16 +622,21 @@ class SafetensorsWriter:
         try:
             if self._hashes:
                 model, legacy = self._compute_hashes()
-                header = encode_header(list(self._layout.values()), self._final_metadata(model, legacy))
+                self._final_meta = self._final_metadata(model, legacy)
+                header = encode_header(list(self._layout.values()), self._final_meta)
                 if len(header) != self._header_len:  # pragma: no cover - placeholders have the final length
                     raise AssertionError("header length changed when filling in the hashes")
                 self._pwrite(header, 8)
+            else:
+                self._final_meta = self._final_metadata(_PLACEHOLDER_MODEL, _PLACEHOLDER_LEGACY)
             tmp.fh.flush()
             os.fsync(tmp.fh.fileno())
             tmp.fh.close()
         except OSError as exc:
             raise self._write_error(exc) from exc
         self._verify(tmp.path)
+        if self._verify_data:
+            self._verify_bytes(tmp.path, model)
         try:
             os.replace(tmp.path, self.path)
         except OSError as exc:
@@ -404,6 +654,7 @@ class SafetensorsWriter:
             file_bytes=self._data_offset + self._data_size,
             sshs_model_hash=model,
             sshs_legacy_hash=legacy,
+            verified=self._verify_data,
         )
 
     def _compute_hashes(self) -> tuple[str, str]:
@@ -431,10 +682,51 @@ class SafetensorsWriter:
         header = read_header(tmp)
         expected = [(t.name, t.dtype, t.shape, t.start, t.end) for t in self._layout.values()]
         got = [(t.name, t.dtype, t.shape, t.start, t.end) for t in header.tensors.values()]
-        if got != expected or header.data_size != self._data_size:  # pragma: no cover - a bug if it happens
+        if (
+            got != expected
+            or header.data_size != self._data_size
+            or header.metadata != (self._final_meta or {})
+        ):  # pragma: no cover - a bug (or a disk returning other bytes) if it happens
             raise InvalidFileError(
-                f"{self.path}: the written file does not match its plan",
-                hint="this is a bug; please report it",
+                f"{self.path}: the written file's header does not match what was written",
+                hint="check the disk; if it is sound this is a bug, please report it",
+            )
+
+    def _verify_bytes(self, tmp: Path, model: str | None) -> None:
+        """Re-read the data section and compare each tensor's sha256 (and the sshs hash) with what was
+        computed from the tensors while writing."""
+        whole = hashlib.sha256()
+        try:
+            with open(tmp, "rb", buffering=0) as fh:
+                _drop_page_cache(fh.fileno())
+                pos = 0
+                for info in sorted(self._layout.values(), key=lambda t: t.start):
+                    if info.start > pos:  # a hole (our layouts have none) is part of the data section too
+                        for chunk in iter_file_range(fh, self._data_offset + pos, info.start - pos, tmp):
+                            whole.update(chunk)
+                    digest = hashlib.sha256()
+                    for chunk in iter_file_range(fh, self._data_offset + info.start, info.nbytes, tmp):
+                        digest.update(chunk)
+                        whole.update(chunk)
+                    pos = max(pos, info.end)
+                    if digest.digest() != self._digests.get(info.name):
+                        raise InvalidFileError(
+                            f"{self.path}: verification failed: tensor {info.name!r} reads back different "
+                            "bytes than were written",
+                            hint="the disk or file system corrupted the write; check it and write again",
+                        )
+                if pos < self._data_size:
+                    for chunk in iter_file_range(fh, self._data_offset + pos, self._data_size - pos, tmp):
+                        whole.update(chunk)
+        except OSError as exc:
+            raise InvalidFileError(
+                f"{self.path}: cannot re-read the written file to verify it ({exc.strerror or exc})",
+                hint="check the disk",
+            ) from exc
+        if model is not None and whole.hexdigest() != model:
+            raise InvalidFileError(
+                f"{self.path}: verification failed: the data section does not match sshs_model_hash",
+                hint="the disk or file system corrupted the write; check the disk and write again",
             )
 
     def abort(self) -> None:
@@ -466,6 +758,16 @@ class SafetensorsWriter:
             self.abort()
 
 
+def _drop_page_cache(fd: int) -> None:
+    """Ask the kernel to forget the file's cached pages (they are clean after fsync), so that a re-read
+    comes from the disk; best effort."""
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is None:  # pragma: no cover - macOS, Windows
+        return
+    with contextlib.suppress(OSError):
+        advise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
 def _fsync_dir(folder: Path) -> None:
     """Make the rename durable (best effort; not every platform can open a folder)."""
     try:
@@ -488,9 +790,19 @@ def save_file(
     overwrite: bool = False,
     inputs: Iterable[str | os.PathLike[str]] = (),
     hashes: bool = True,
+    check_finite: bool | None = None,
+    verify_data: bool | None = None,
 ) -> WriteResult:
     """Write ``tensors`` to ``path`` atomically (unplanned mode); see :class:`SafetensorsWriter`."""
-    with SafetensorsWriter(path, metadata=metadata, overwrite=overwrite, inputs=inputs, hashes=hashes) as w:
+    with SafetensorsWriter(
+        path,
+        metadata=metadata,
+        overwrite=overwrite,
+        inputs=inputs,
+        hashes=hashes,
+        check_finite=check_finite,
+        verify_data=verify_data,
+    ) as w:
         for name, tensor in tensors.items():
             w.write(name, tensor)
         return w.close()

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -31,6 +32,11 @@ from lorasmith.registry import get_registry
 __all__ = ["CkptOutcome", "bake", "merge_checkpoints"]
 
 _FLOATS = frozenset({"F64", "F32", "F16", "BF16"})
+
+#: Elements per chunk of the elementwise loops. Why: a tensor is converted to the compute dtype and combined
+#: a chunk at a time, so the float32 temporaries of a 100 MB fp16 weight stay a few MB instead of several
+#: copies of the whole tensor (peak memory is then the tensors as read plus the output, nothing more).
+CHUNK_ELEMENTS = 1 << 21
 
 
 @dataclass
@@ -89,10 +95,110 @@ def _detect_ckpt(path: Path, header: Header, arch: str | None) -> tuple[Architec
 
 @dataclass
 class _Job:
-    module: AdapterModule
+    """One LoRA module to apply to one base tensor.
+
+    ``what`` is the parsed module, or a function that reads it: then the module is read when its tensor
+    comes and :meth:`release` forgets it, so a bake holds one tensor's modules at a time.
+    """
+
+    what: AdapterModule | Callable[[], AdapterModule]
     ratio: float
     slice: tuple[int, int, int] | None
     source: str
+    _read: AdapterModule | None = None
+
+    @property
+    def module(self) -> AdapterModule:
+        """The parsed module."""
+        if isinstance(self.what, AdapterModule):
+            return self.what
+        if self._read is None:
+            self._read = self.what()
+        return self._read
+
+    def release(self) -> None:
+        """Forget a module that was read on demand (its tensors are freed)."""
+        self._read = None
+
+
+def _bake_whole(
+    t: torch.Tensor, jobs: Sequence[_Job], bias_jobs: Sequence[_Job], compute: torch.dtype
+) -> torch.Tensor:
+    """Apply every job to the whole tensor (DoRA, OFT, GLoRA, LoHa, ... need the whole weight)."""
+    out_dtype = t.dtype
+    w = t.to(compute)
+    for job in jobs:
+        part = w if job.slice is None else w.narrow(*job.slice)
+        try:
+            new = job.module.apply(part, job.ratio, dtype=compute)
+        except AdapterError as exc:
+            raise AdapterError(f"{job.source}: {exc.message}", hint=exc.hint) from None
+        part.copy_(new.reshape(part.shape))
+        del new
+    for job in bias_jobs:
+        bd = job.module.bias_delta(compute)
+        if bd is not None:
+            w += job.ratio * bd.reshape(w.shape)
+    return w.to(out_dtype)
+
+
+#: ``(first row, up [rows, r] with ratio and scale folded in, down [r, cols])`` of one low-rank job.
+_RowFactors = tuple[int, torch.Tensor, torch.Tensor]
+
+
+def _lowrank_jobs(jobs: Sequence[_Job], t: torch.Tensor, compute: torch.dtype) -> list[_RowFactors] | None:
+    """The jobs as row-placed factor pairs when every one is a plain low-rank delta; ``None`` otherwise.
+
+    Why: a plain LoRA's delta is ``up @ down``, so any band of rows of the new weight only needs the
+    matching rows of ``up``; the weight can then be updated in bands without a float copy of all of it.
+    Anything else (a Tucker-free check fails, DoRA, weight-dependent algorithms, a slice along another
+    dimension, shapes that do not fit) goes to :func:`_bake_whole`, which also reports shape errors.
+    """
+    if t.ndim < 2 or not t.is_floating_point():
+        return None
+    rows, cols = int(t.shape[0]), t.numel() // max(1, int(t.shape[0]))
+    out: list[_RowFactors] = []
+    for job in jobs:
+        mod = job.module
+        if mod.needs_base:
+            return None
+        lr = mod.lowrank()
+        if lr is None:
+            return None
+        start, length = 0, rows
+        if job.slice is not None:
+            dim, start, length = job.slice
+            if dim != 0:
+                return None
+        folded = lr.fold(compute)
+        up = folded.up.to(compute).reshape(folded.up.shape[0], -1)
+        down = folded.down.to(compute).reshape(folded.down.shape[0], -1)
+        if up.shape[0] != length or down.shape[1] != cols or up.shape[1] != down.shape[0]:
+            return None
+        # the strength and alpha / rank scale on the small factor, once
+        out.append((start, up * (job.ratio * lr.scale), down))
+    return out
+
+
+def _bake_chunked(
+    t: torch.Tensor, factors: Sequence[_RowFactors], compute: torch.dtype, final: torch.dtype
+) -> torch.Tensor:
+    """``W + sum up_j @ down_j`` band by band; written in ``final`` (in place when it is ``t``'s dtype)."""
+    rows = int(t.shape[0])
+    w2 = t.reshape(rows, -1)
+    cols = int(w2.shape[1])
+    out = t if final == t.dtype else torch.empty(t.shape, dtype=final)
+    o2 = out.reshape(rows, -1)
+    band = max(1, CHUNK_ELEMENTS // max(1, cols))
+    for a in range(0, rows, band):
+        b = min(rows, a + band)
+        wc = w2[a:b].to(compute)
+        for start, up, down in factors:
+            lo, hi = max(a, start), min(b, start + int(up.shape[0]))
+            if lo < hi:
+                wc[lo - a : hi - a] += up[lo - start : hi - start] @ down
+        o2[a:b].copy_(wc)
+    return out
 
 
 def bake(
@@ -126,8 +232,8 @@ def bake(
     bias_jobs: dict[str, list[_Job]] = {}
     unmatched: list[str] = []
     for lora in loras:
-        for name, mod in lora.modules.items():
-            alias = lora.aliases.get(name)
+        for name in lora.names:
+            alias = lora.alias(name)
             file_key = index.get(alias.target.key) if alias is not None else None
             if alias is None or file_key is None:
                 unmatched.append(f"{lora.path.name}: {name}")
@@ -139,9 +245,9 @@ def bake(
                 real = spec.shape[sl[0]] if spec is not None else None
                 sl = _fit_slice(sl, real, int(info.shape[sl[0]]), name)
             bw = blocks.weight(family, alias.target.key) if blocks is not None else 1.0
-            job = _Job(mod, lora.ratio * bw, sl, f"{lora.path.name}: {name}")
+            job = _Job(partial(lora.read, name), lora.ratio * bw, sl, f"{lora.path.name}: {name}")
             jobs.setdefault(file_key, []).append(job)
-            if mod.bias is not None and file_key.endswith(".weight"):
+            if lora.has_bias(name) and file_key.endswith(".weight"):
                 bkey = file_key[: -len("weight")] + "bias"
                 if bkey in header.tensors:
                     bias_jobs.setdefault(bkey, []).append(job)
@@ -168,26 +274,24 @@ def bake(
         with open_tensors(base) as f:
             for done, name in enumerate(header.tensors, 1):
                 t = f.get(name)
+                final = save_dtype if (save_dtype is not None and t.is_floating_point()) else t.dtype
                 todo = jobs.get(name, []) + bias_jobs.get(name, [])
                 if todo:
-                    out_dtype = t.dtype
-                    w = t.to(compute)
-                    for job in jobs.get(name, []):
-                        part = w if job.slice is None else w.narrow(*job.slice)
-                        try:
-                            new = job.module.apply(part, job.ratio, dtype=compute)
-                        except AdapterError as exc:
-                            raise AdapterError(f"{job.source}: {exc.message}", hint=exc.hint) from None
-                        part.copy_(new.reshape(part.shape))
-                    for job in bias_jobs.get(name, []):
-                        bd = job.module.bias_delta(compute)
-                        if bd is not None:
-                            w += job.ratio * bd.reshape(w.shape)
-                    t = w.to(out_dtype)
+                    factors = (
+                        _lowrank_jobs(jobs.get(name, []), t, compute) if not bias_jobs.get(name) else None
+                    )
+                    if factors is not None:
+                        t = _bake_chunked(t, factors, compute, final)
+                    else:
+                        t = _bake_whole(t, jobs.get(name, []), bias_jobs.get(name, []), compute)
+                    for job in todo:
+                        job.release()
+                    del factors
                     changed += 1
-                if save_dtype is not None and t.is_floating_point():
-                    t = t.to(save_dtype)
+                if t.dtype != final:
+                    t = t.to(final)
                 writer.write(name, t)
+                del t
                 progress(ProgressEvent("baking", done, total, name))
         result = writer.close()
     except BaseException:
@@ -228,16 +332,20 @@ def combine(
     tensors: Sequence[torch.Tensor],
     ratios: Sequence[float],
     *,
-    name: str,
     density: float,
     drop: float,
     lam: float,
-    seed: int,
     block: float,
+    generators: Sequence[torch.Generator] | None = None,
 ) -> torch.Tensor:
-    """One tensor of a checkpoint merge, in the compute dtype of ``tensors`` (see ``docs/merge.md``).
+    """One tensor (or one flat chunk of it) of a checkpoint merge, in the compute dtype of ``tensors``.
 
-    ``block`` scales the change against the first model: ``A + block * (merged - A)``.
+    See ``docs/merge.md``. ``block`` scales the change against the first model: ``A + block * (merged - A)``.
+    Every method but TIES is elementwise, so it may be given successive chunks of flattened tensors; DARE's
+    masks are drawn from ``generators`` (one per model after the first, consumed in order), so chunks
+    draw the same stream as one call would.
+
+    :raises LorasmithError: DARE without generators.
     """
     a = tensors[0]
     if method == "weighted-sum":
@@ -259,11 +367,11 @@ def combine(
     elif method == "dare":
         keep = 1.0 - drop
         total = torch.zeros_like(a)
-        for i, (t, w) in enumerate(zip(tensors[1:], ratios[1:], strict=True), 1):
+        if generators is None or len(generators) != len(tensors) - 1:
+            raise LorasmithError("DARE needs one mask generator per merged model")  # pragma: no cover
+        for t, w, gen in zip(tensors[1:], ratios[1:], generators, strict=True):
             tau = t - a
-            if keep <= 0.0:
-                continue
-            mask = torch.rand(tau.shape, generator=_dare_generator(seed, name, i)) < keep
+            mask = torch.rand(tau.shape, generator=gen) < keep
             total += w * torch.where(mask, tau / keep, torch.zeros_like(tau))
         merged = a + lam * total
     else:  # pragma: no cover - validated by the caller
@@ -349,21 +457,35 @@ def merge_checkpoints(
             for done, name in enumerate(first.tensors, 1):
                 t0 = files[0].get(name)
                 if merged_key(name) and t0.is_floating_point():
-                    ts = [t0.to(compute)] + [f.get(name).to(compute) for f in files[1:]]
                     bw = blocks.weight(family, canonical_of.get(name, name)) if blocks else 1.0
-                    out = combine(
-                        method,
-                        ts,
-                        ratios,
-                        name=name,
-                        density=density,
-                        drop=drop,
-                        lam=lam,
-                        seed=seed,
-                        block=bw,
-                    )
-                    del ts
-                    t = out.to(save_dtype or t0.dtype)
+                    stored = [t0] + [f.get(name) for f in files[1:]]
+                    final = save_dtype or t0.dtype
+                    if method == "ties":  # the top-k threshold needs each whole task vector
+                        ts = [x.to(compute) for x in stored]
+                        t = combine(method, ts, ratios, density=density, drop=drop, lam=lam, block=bw).to(
+                            final
+                        )
+                        del ts
+                    else:
+                        gens = [_dare_generator(seed, name, i) for i in range(1, len(stored))]
+                        t = torch.empty(t0.shape, dtype=final)
+                        flat_out = t.reshape(-1)
+                        flats = [x.reshape(-1) for x in stored]
+                        for a in range(0, flat_out.numel(), CHUNK_ELEMENTS):
+                            b = min(flat_out.numel(), a + CHUNK_ELEMENTS)
+                            part = combine(
+                                method,
+                                [x[a:b].to(compute) for x in flats],
+                                ratios,
+                                density=density,
+                                drop=drop,
+                                lam=lam,
+                                block=bw,
+                                generators=gens,
+                            )
+                            flat_out[a:b].copy_(part)
+                        del flats, flat_out, part
+                    del stored
                     changed += 1
                 else:
                     t = t0.to(save_dtype) if (save_dtype is not None and t0.is_floating_point()) else t0

@@ -9,7 +9,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,10 +17,9 @@ import torch
 from lorasmith.adapters.base import AdapterModule
 from lorasmith.adapters.lora import encode_lora
 from lorasmith.adapters.parse import parse_module
-from lorasmith.archs.base import SPELLINGS, Alias, Architecture, Detection, lora_modules
+from lorasmith.archs.base import SPELLINGS, Alias, Architecture, Detection
 from lorasmith.errors import AdapterError, ArchMismatchError, LorasmithError, ShapeMismatchError
-from lorasmith.io.header import read_header
-from lorasmith.io.reader import load_all
+from lorasmith.io.dtypes import torch_dtype
 from lorasmith.linalg import (
     LinalgError,
     exact_svd,
@@ -32,6 +31,8 @@ from lorasmith.linalg import (
     rank_sv_ratio,
 )
 from lorasmith.ops.blocks import BlockWeights
+from lorasmith.ops.loralib import LoraFile, output_metadata, parse_merge_spec
+from lorasmith.ops.loralib import load_lora as loralib_load
 from lorasmith.progress import ProgressCallback, ProgressEvent
 from lorasmith.registry import get_registry
 
@@ -79,92 +80,115 @@ def torch_dtype_of(name: str, what: str) -> torch.dtype:
 
 
 def parse_weighted(spec: str | os.PathLike[str], default: float | None = None) -> tuple[Path, float | None]:
-    """Split ``"a.safetensors:0.7"`` into ``(Path("a.safetensors"), 0.7)``; no ratio gives ``default``.
+    """``"a.safetensors:0.7"`` -> ``(Path("a.safetensors"), 0.7)``; no ratio written gives ``default``.
 
-    A colon whose tail is not a number is part of the path (``C:\\x.safetensors``).
+    The syntax of one item of :func:`lorasmith.ops.loralib.parse_merge_spec` (a colon whose tail is not a
+    number is part of the path: ``C:\\x.safetensors``); a name with commas is taken as one path. Only "no
+    ratio written" is told apart here, because a checkpoint merge's default weights depend on it.
     """
-    text = str(spec)
-    head, sep, tail = text.rpartition(":")
-    if sep and head:
-        try:
-            value = float(tail)
-        except ValueError:
-            return Path(text), default
-        if not math.isfinite(value):
-            raise LorasmithError(f"{text}: the ratio {tail!r} is not finite", hint="give a finite number")
-        return Path(head), value
-    return Path(text), default
+    text = os.fspath(spec)
+    if "," in text:
+        return Path(text), default
+    [(path, weight)] = parse_merge_spec(text)
+    return Path(os.path.expanduser(path)), (default if path == text.strip() else weight)
 
 
 @dataclass
 class LoadedLora:
-    """One LoRA input, parsed and resolved onto its family's canonical keys."""
+    """One LoRA input: the lazily read :class:`~lorasmith.ops.loralib.LoraFile` and its ratio.
+
+    Modules are parsed on demand (:meth:`read`), so that a bake or a merge holds one module at a time.
+    """
 
     path: Path
     ratio: float
+    file: LoraFile
     detection: Detection
     arch: Architecture
-    variant: str | None
-    spelling: str | None
-    metadata: dict[str, str]
-    modules: dict[str, AdapterModule]
-    aliases: dict[str, Alias | None]
-    dtype: torch.dtype
-    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The file's metadata."""
+        return self.file.metadata
+
+    @property
+    def names(self) -> list[str]:
+        """The module names, in file order."""
+        return list(self.file.modules)
+
+    @property
+    def spelling(self) -> str | None:
+        """The detected key spelling when it is one of :data:`~lorasmith.archs.base.SPELLINGS`."""
+        sp = self.file.spelling
+        return sp if sp in SPELLINGS else None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The storage dtype of the first module's factors (what a LoRA merge writes by default)."""
+        info = next(iter(self.file.modules.values()), None)
+        if info is None:
+            return torch.float16
+        dt = torch_dtype(info.dtype)
+        return dt if dt.is_floating_point else torch.float16
+
+    @property
+    def modules(self) -> dict[str, AdapterModule]:
+        """Every module, read and parsed now (prefer :meth:`read` one at a time for large files)."""
+        return {name: self.read(name) for name in self.file.modules}
+
+    @property
+    def aliases(self) -> dict[str, Alias | None]:
+        """Module name -> family alias."""
+        return {name: info.alias for name, info in self.file.modules.items()}
+
+    def alias(self, name: str) -> Alias | None:
+        """The family alias of module ``name``."""
+        return self.file.modules[name].alias
+
+    def has_bias(self, name: str) -> bool:
+        """Whether module ``name`` carries a bias delta (``diff_b``)."""
+        return ".diff_b" in self.file.modules[name].keys
 
     def group_of(self, name: str) -> GroupKey:
         """The group (target) of module ``name``."""
-        alias = self.aliases.get(name)
+        alias = self.alias(name)
         if alias is None:
             return (f"module:{name}", None)
         return (alias.target.key, alias.target.slice)
 
+    def read(self, name: str) -> AdapterModule:
+        """Read and parse module ``name`` (DoRA magnitude and bias delta included).
+
+        :raises AdapterError: naming the file.
+        """
+        info = self.file.modules[name]
+        try:
+            return parse_module(name, {suffix: self.file.tensor(key) for suffix, key in info.keys.items()})
+        except AdapterError as exc:
+            raise AdapterError(f"{self.path}: {exc.message}", hint=exc.hint) from None
+        finally:
+            # closed after every module (reopened on the next read): no open handle outlives a call, so
+            # callers never need to close a LoadedLora, and an open() per module costs nothing
+            self.file.close()
+
+    def close(self) -> None:
+        """Close the file."""
+        self.file.close()
+
 
 def load_lora(path: Path, ratio: float, arch: str | None = None) -> LoadedLora:
-    """Read, detect and parse one LoRA file (small: every tensor is loaded).
+    """Open one LoRA (:func:`lorasmith.ops.loralib.load_lora`); its family must be known.
 
-    :raises LorasmithError: unreadable file, no family, a checkpoint given as a LoRA, a bad module.
+    :raises LorasmithError: unreadable file, no family, a checkpoint given as a LoRA, no module.
     """
-    header = read_header(path)
-    det = get_registry().detect(header, arch=arch, source=str(path))
-    if det.kind not in ("lora", "mixed", "unknown"):
+    f = loralib_load(path, arch=arch)
+    f.close()  # reopened by the first read; nothing stays open between reads (see LoadedLora.read)
+    if f.arch is None or f.detection is None:
+        get_registry().detect(f.header, arch=arch, source=str(path))  # raises the detection error
         raise LorasmithError(
-            f"{path}: is a {det.kind}, not a LoRA",
-            hint="checkpoints go to --base (bake) or --models (checkpoint merge)",
-        )
-    family = get_registry().get(det.arch)
-    tensors = load_all(path)
-    groups = lora_modules(tensors)
-    if not groups:
-        raise LorasmithError(f"{path}: holds no LoRA module", hint="check that this is a LoRA file")
-    table = family.alias_table(det.variant)
-    modules: dict[str, AdapterModule] = {}
-    aliases: dict[str, Alias | None] = {}
-    dtype: torch.dtype | None = None
-    for name, keys in groups.items():
-        try:
-            mod = parse_module(name, {suffix: tensors[key] for suffix, key in keys.items()})
-        except AdapterError as exc:
-            raise AdapterError(f"{path}: {exc.message}", hint=exc.hint) from None
-        modules[name] = mod
-        aliases[name] = table.get(name)
-        if dtype is None:
-            for role, t in mod.tensors.items():
-                if role not in ("alpha",) and t.is_floating_point():
-                    dtype = t.dtype
-                    break
-    return LoadedLora(
-        path=path,
-        ratio=ratio,
-        detection=det,
-        arch=family,
-        variant=det.variant,
-        spelling=det.layout if det.layout in SPELLINGS else None,
-        metadata=dict(header.metadata),
-        modules=modules,
-        aliases=aliases,
-        dtype=dtype or torch.float16,
-    )
+            f"{path}: cannot tell the family", hint="force it with --arch"
+        )  # pragma: no cover
+    return LoadedLora(path=Path(path), ratio=ratio, file=f, detection=f.detection, arch=f.arch)
 
 
 def check_same_family(loras: Sequence[LoadedLora], what: str = "inputs") -> None:
@@ -365,18 +389,19 @@ def merge_loras(
     style = SPELLINGS[spelling].suffixes if spelling in SPELLINGS else "kohya"
     reverse: dict[tuple[str, tuple[int, int, int] | None], str] = {}
     if spelling is not None:
-        for alias in arch.aliases(first.variant, spelling):
+        for alias in arch.aliases(first.file.variant, spelling):
             reverse.setdefault((alias.target.key, alias.target.slice), alias.name)
 
     # group every module of every input by its target, in first-seen order
     groups: dict[GroupKey, list[tuple[int, str]]] = {}
     for i, lora in enumerate(loras):
-        for name in lora.modules:
+        for name in lora.names:
             groups.setdefault(lora.group_of(name), []).append((i, name))
 
     out_dtype = save_dtype or first.dtype
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
+    big_conv: set[str] = set()  # conv modules with a kernel larger than 1x1
     errors: dict[str, float] = {}
     warnings: list[str] = []
     total = len(groups)
@@ -387,7 +412,7 @@ def merge_loras(
         shape: tuple[int, int] | None = None
         for i, name in members:
             lora = loras[i]
-            f = module_factors(lora.modules[name], compute, lora.path)
+            f = module_factors(lora.read(name), compute, lora.path)
             bw = 1.0
             if blocks is not None and not gkey[0].startswith("module:"):
                 bw = blocks.weight(arch, gkey[0])
@@ -443,17 +468,29 @@ def merge_loras(
         for suffix, t in encoded.items():
             tensors[name + suffix] = t
         ranks[name] = r
+        if conv and kernel is not None and math.prod(kernel) > 1:
+            big_conv.add(name)
         progress(ProgressEvent("merging", done, total, name))
 
-    distinct = set(ranks.values())
-    extra = {
-        "ss_network_dim": str(next(iter(distinct))) if len(distinct) == 1 else "Dynamic",
-        "ss_network_alpha": str(next(iter(distinct))) if len(distinct) == 1 else "Dynamic",
-    }
+    extra = {}
     if any(lora.metadata.get("ss_network_module") for lora in loras):
         extra["ss_network_module"] = "networks.lora"
-    meta = merged_metadata(
-        [(lora.path, lora.ratio, lora.metadata) for lora in loras], keep_ss=True, extra=extra
+    record: dict[str, object] = {
+        "mode": "lora",
+        "method": "exact" if policy is None else f"svd:{policy.method}:{policy.value:g}",
+        "inputs": [{"file": lora.path.name, "ratio": lora.ratio} for lora in loras],
+        "spelling": spelling,
+        "blocks": blocks.notation if blocks else None,
+    }
+    # ss_network_dim/alpha (and conv_dim/alpha in ss_network_args) as kohya writes them; alpha = rank
+    meta = output_metadata(
+        merged_metadata(
+            [(lora.path, lora.ratio, lora.metadata) for lora in loras], keep_ss=True, extra=extra
+        ),
+        linear=[(r, float(r)) for n, r in ranks.items() if n not in big_conv],
+        conv=[(r, float(r)) for n, r in ranks.items() if n in big_conv],
+        record_key="lorasmith_merge",
+        record=record,
     )
     writer = SafetensorsWriter(
         output, metadata=meta, overwrite=overwrite, inputs=[lora.path for lora in loras]

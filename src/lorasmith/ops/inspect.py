@@ -17,6 +17,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from lorasmith.archs.base import Architecture, Detection, lora_modules
+from lorasmith.archs.parts import detect_part
 from lorasmith.errors import AdapterError, DetectionError
 from lorasmith.io.header import Header, TensorInfo, read_header
 from lorasmith.progress import ProgressCallback, ProgressEvent, noop
@@ -104,6 +105,9 @@ class InspectResult(BaseModel):
     modules: list[ModuleRow] | None = None
     blocks: list[BlockRow] | None = None
     unknown_keys: int = 0
+    used_by: list[str] = Field(
+        default_factory=list, description="a separate part (kind 'part'): the families that use it"
+    )
     warnings: list[str] = Field(default_factory=list)
 
 
@@ -183,11 +187,13 @@ def inspect_file(
     header = read_header(Path(path))
     reg = get_registry()
     warnings: list[str] = []
-    det: Detection | None
+    det: Detection | None = None
+    # a separate part (VAE, text encoder) is reported as such, with every family that uses it: a CLIP-L
+    # file matching SD1, SDXL, FLUX and SD3 alike is no ambiguity (lorasmith.archs.parts)
+    part = detect_part(header) if arch is None else None
     try:
-        det = reg.detect(header, arch=arch, source=str(path))
+        det = reg.detect(header, arch=arch, source=str(path)) if part is None else None
     except DetectionError as exc:
-        det = None
         warnings.append(exc.message + (f" ({exc.hint})" if exc.hint else ""))
     family: Architecture | None = reg.get(det.arch) if det is not None and det.arch else None
 
@@ -220,6 +226,16 @@ def inspect_file(
         ),
         warnings=warnings,
     )
+    if part is not None:
+        result.kind = "part"
+        owner = reg.archs().get(part.users[0]) if len(part.users) == 1 else None
+        result.arch = owner.id if owner is not None else None
+        result.arch_name = owner.name if owner is not None else None
+        result.confidence = round(part.score, 4)
+        result.reason = part.reason
+        result.layout = "separate"
+        result.components = [part.kind]
+        result.used_by = list(part.users)
     if det is not None and det.kind == "checkpoint" and family is not None and det.total:
         result.unknown_keys = det.total - det.matched
         if result.unknown_keys:

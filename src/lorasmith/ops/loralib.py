@@ -88,6 +88,7 @@ __all__ = [
     "suffix_style_of",
     "unit_dense",
     "unit_lowrank",
+    "unit_lowrank_parts",
     "unit_scale",
 ]
 
@@ -277,7 +278,8 @@ _DORA_SUFFIXES = (".dora_scale", ".lora_magnitude_vector", ".lora_magnitude_vect
 class LoraFile:
     """An open LoRA file: header, family, modules; tensors read on demand.
 
-    Use it as a context manager (or call :meth:`close`).
+    Use it as a context manager (or call :meth:`close`). :meth:`tensor` and :meth:`read_module` may be
+    called from several threads at once (positional reads).
 
     :ivar path: the file.
     :ivar header: its validated header.
@@ -331,6 +333,21 @@ class LoraFile:
         dora = tensors.pop(dora_suffix) if dora_suffix is not None else None
         bias = tensors.pop(".diff_b", None)
         return ReadModule(module=parse_module(name, tensors), dora=dora, dora_suffix=dora_suffix, bias=bias)
+
+    def check_no_empty_modules(self) -> None:
+        """Refuse a module with rank 0 or an empty factor (ops that decompose cannot use one).
+
+        :func:`load_lora` itself accepts such modules, so that an op that copies modules (convert) can.
+
+        :raises AdapterError: naming the first such module.
+        """
+        for name, info in self.modules.items():
+            shapes = info.summary.shapes
+            if info.summary.rank == 0 or any(0 in shape for shape in shapes.values()):
+                raise AdapterError(
+                    f"{self.path}: module {name!r} has rank 0 (empty factors {dict(shapes)})",
+                    hint="the file is damaged or was written by a broken tool; export it again",
+                )
 
     def close(self) -> None:
         """Close the file (idempotent)."""
@@ -424,6 +441,9 @@ def load_lora(path: str | os.PathLike[str], *, arch: str | None = None) -> LoraF
             + more
         )
     extra = [k for k in header.tensors if k not in grouped_keys]
+    from lorasmith.io.reader import open_tensors
+
+    # opened now, not on first use: worker threads read tensors concurrently (positional reads)
     return LoraFile(
         path=p,
         header=header,
@@ -434,6 +454,7 @@ def load_lora(path: str | os.PathLike[str], *, arch: str | None = None) -> LoraF
         modules=modules,
         extra_keys=extra,
         warnings=warnings,
+        _tf=open_tensors(p),
     )
 
 
@@ -654,7 +675,7 @@ def plan_units(
                 f"cannot merge LoRAs of different families: {first.path.name} is {a}, {f.path.name} is {b}",
                 hint="merge LoRAs made for the same model; pass --arch if detection is wrong",
             )
-        if family is not None and f.variant != variant:
+        if family is not None and f.variant is not None and variant is not None and f.variant != variant:
             raise ArchMismatchError(
                 f"cannot merge LoRAs of different {family.name} variants: {first.path.name} is {variant}, "
                 f"{f.path.name} is {f.variant}",
@@ -961,15 +982,16 @@ def read_unit_extras(unit: Unit, read: Sequence[ReadModule]) -> UnitExtras:
     )
 
 
-def unit_lowrank(
+def unit_lowrank_parts(
     unit: Unit, read: Sequence[ReadModule], dtype: torch.dtype, device: torch.device | str | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The unit's delta as one exact factor pair ``(up_c [out, R], down_c [R, in*kh*kw])``.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The unit's delta as ``(up [out, R], down [R, in*kh*kw], scale [R])``, ``delta = (up * scale) @ down``.
 
-    ``delta = up_c @ down_c`` with ``R`` the sum of the contributions' ranks. Each contribution's scale
-    ``weight * alpha / rank`` multiplies its columns of ``up_c``; LoCon Tucker cores are folded into their
-    down factor first (:meth:`~lorasmith.adapters.base.LowRank.fold`, never ignored); each contribution's
-    rows are placed at its rows of the unit (zeros elsewhere). The product is never formed.
+    ``R`` is the sum of the contributions' ranks; ``scale`` holds each contribution's
+    ``weight * alpha / rank`` on its columns (kept apart so that no pass over ``up`` is spent on it; see
+    :func:`unit_lowrank` for the product form). LoCon Tucker cores are folded into their down factor
+    first (:meth:`~lorasmith.adapters.base.LowRank.fold`, never ignored); each contribution's rows are
+    placed at its rows of the unit (zeros elsewhere). The product is never formed.
 
     :raises AdapterError: a contribution that is not a low-rank module.
     """
@@ -977,6 +999,7 @@ def unit_lowrank(
 
     ups: list[torch.Tensor] = []
     downs: list[torch.Tensor] = []
+    scales: list[torch.Tensor] = []
     for c, r in zip(unit.contributions, read, strict=True):
         low = r.module.lowrank()
         if low is None:
@@ -984,17 +1007,30 @@ def unit_lowrank(
         folded = low.fold(dtype)
         up = folded.up.to(device=device, dtype=dtype).reshape(folded.up.shape[0], -1)
         down = folded.down.to(device=device, dtype=dtype).reshape(folded.down.shape[0], -1)
-        coef = c.weight * folded.scale
-        if c.whole and up.shape[0] == unit.out_features:
-            placed = up * coef
-        else:
+        if not (c.whole and up.shape[0] == unit.out_features):
             placed = torch.zeros(unit.out_features, up.shape[1], dtype=dtype, device=up.device)
-            placed[c.dst_start : c.dst_start + c.rows] = up[c.src_start : c.src_start + c.rows] * coef
-        ups.append(placed)
+            placed[c.dst_start : c.dst_start + c.rows] = up[c.src_start : c.src_start + c.rows]
+            up = placed
+        ups.append(up)
         downs.append(down)
+        scales.append(torch.full((up.shape[1],), c.weight * folded.scale, dtype=dtype, device=up.device))
     if len(ups) == 1:
-        return ups[0], downs[0]
-    return torch.cat(ups, dim=1), torch.cat(downs, dim=0)
+        return ups[0], downs[0], scales[0]
+    return torch.cat(ups, dim=1), torch.cat(downs, dim=0), torch.cat(scales)
+
+
+def unit_lowrank(
+    unit: Unit, read: Sequence[ReadModule], dtype: torch.dtype, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unit's delta as one exact factor pair ``(up_c [out, R], down_c [R, in*kh*kw])``.
+
+    ``delta = up_c @ down_c``: :func:`unit_lowrank_parts` with the scales multiplied into ``up_c``'s
+    columns (each contribution's ``weight * alpha / rank``). The product is never formed.
+
+    :raises AdapterError: a contribution that is not a low-rank module.
+    """
+    up, down, scale = unit_lowrank_parts(unit, read, dtype, device)
+    return up * scale, down
 
 
 def unit_dense(

@@ -1,0 +1,606 @@
+"""Checkpoint components: assemble separate part files into one checkpoint, split one into parts, and bake
+LoRAs into text encoders kept in separate files.
+
+- :func:`assemble`: a diffusion model file plus its VAE and text-encoder files -> one single-file checkpoint
+  in the family's native layout (:mod:`lorasmith.ops._components_layouts`), per-component dtypes optional.
+- :func:`split`: the reverse, one file per part, named and keyed as the separate distributions are.
+- :func:`bake_parts`: ``merge --base`` for a model whose text encoders are separate files
+  (:mod:`lorasmith.ops._components_bake`).
+
+Every part is identified from its keys (:func:`lorasmith.archs.parts.detect_part`) and checked against the
+slot it is given for; a wrong or missing part is a one-line error naming it. Everything streams: one tensor
+is held at a time, and each output is written atomically through a planned writer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import BaseModel, Field
+
+from lorasmith.errors import DetectionError, InvalidFileError, UsageError
+from lorasmith.ops._components_layouts import MAIN, Slot, layout_for
+from lorasmith.ops._convert_dtype import CastStats, parse_dtype
+from lorasmith.progress import ProgressCallback, ProgressEvent, noop
+
+if TYPE_CHECKING:
+    import torch
+
+    from lorasmith.archs.base import Architecture
+    from lorasmith.io.header import Header
+
+__all__ = ["ComponentsResult", "PartReport", "assemble", "bake_parts", "split"]
+
+PathLike = str | os.PathLike[str]
+
+#: Metadata key of the record of what :func:`assemble` / :func:`split` did.
+RECORD_KEY = "lorasmith_components"
+#: Metadata key (main part of a split) listing keys that sat outside every part prefix; kept verbatim.
+VERBATIM_KEY = "lorasmith.components.verbatim"
+_STALE = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")
+_FLOATS = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+_DTYPE_WORD = {"F32": "fp32", "F16": "fp16", "BF16": "bf16", "F8_E4M3": "fp8_e4m3fn", "F8_E5M2": "fp8_e5m2"}
+
+
+class PartReport(BaseModel):
+    """One part file read or written.
+
+    :ivar slot: ``transformer``, ``vae``, ``clip_l``, ``clip_g``, ``t5xxl`` or ``text_encoder``.
+    :ivar kind: the part kind (``vae16``, ``clip_l``...); ``None`` for the diffusion model.
+    :ivar path: the file.
+    :ivar tensors: tensors in it (of this part).
+    :ivar changed: tensors a bake changed (bake only).
+    :ivar file_bytes: size of a written file (0 for an input).
+    """
+
+    slot: str
+    kind: str | None = None
+    path: str
+    tensors: int = 0
+    changed: int = 0
+    file_bytes: int = 0
+
+
+class ComponentsResult(BaseModel):
+    """The result of :func:`assemble`, :func:`split` or :func:`bake_parts`.
+
+    :ivar mode: ``assemble``, ``split`` or ``bake``.
+    :ivar arch: the family.
+    :ivar variant: its variant.
+    :ivar inputs: the files read.
+    :ivar outputs: the files written.
+    :ivar dtypes: safetensors dtype -> tensors written.
+    :ivar cast: tensors whose dtype changed, and how many values overflowed or flushed to zero.
+    :ivar unmatched: bake: LoRA modules that match no weight of any given file.
+    :ivar skipped: bake: text-encoder slot whose file was not given -> LoRA modules skipped for it.
+    :ivar warnings: things the user should know.
+    """
+
+    mode: Literal["assemble", "split", "bake"]
+    arch: str
+    variant: str | None = None
+    inputs: list[PartReport] = Field(default_factory=list)
+    outputs: list[PartReport] = Field(default_factory=list)
+    dtypes: dict[str, int] = Field(default_factory=dict)
+    cast: dict[str, int] = Field(default_factory=dict)
+    unmatched: list[str] = Field(default_factory=list)
+    skipped: dict[str, int] = Field(default_factory=dict)
+    warnings: list[str] = Field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _dtypes(
+    dtype: str | None, unet_dtype: str | None, te_dtype: str | None, vae_dtype: str | None
+) -> dict[str, str | None]:
+    return {
+        "all": parse_dtype(dtype),
+        "unet": parse_dtype(unet_dtype, "--unet-dtype"),
+        "te": parse_dtype(te_dtype, "--te-dtype"),
+        "vae": parse_dtype(vae_dtype, "--vae-dtype"),
+    }
+
+
+def _target(slot: Slot, dtypes: Mapping[str, str | None], stored: str) -> str:
+    choice = dtypes.get(slot.group) or dtypes.get("all")
+    return choice if choice is not None and stored in _FLOATS else stored
+
+
+def _slot_of(key: str, slots: Sequence[Slot]) -> Slot | None:
+    """The slot whose prefix (or outer prefix) is the longest match of a single-file key."""
+    best: tuple[int, Slot | None] = (-1, None)
+    for slot in slots:
+        for prefix in (slot.prefix, slot.outer):
+            if prefix and key.startswith(prefix) and len(prefix) > best[0]:
+                best = (len(prefix), slot)
+    return best[1]
+
+
+def _part_key(key: str, slot: Slot) -> str:
+    """Single-file key -> the key in the slot's separate file."""
+    if key.startswith(slot.prefix):
+        return key[len(slot.prefix) :]
+    assert slot.outer is not None and key.startswith(slot.outer)
+    return key[len(slot.outer) :]
+
+
+def _single_key(key: str, slot: Slot, outer_keys: frozenset[str]) -> str:
+    """Separate-file key -> the single-file key (``logit_scale`` and the like go under ``outer``)."""
+    if slot.outer and key in outer_keys:
+        return slot.outer + key
+    return slot.prefix + key
+
+
+def _outer_keys(slot: Slot) -> frozenset[str]:
+    """Part keys that live under ``slot.outer`` rather than ``slot.prefix`` in the single file."""
+    if slot.kind is None or slot.outer is None:
+        return frozenset()
+    from lorasmith.archs.parts import PART_KINDS, part_inventory
+
+    kind = PART_KINDS[slot.kind]
+    if kind.source is None:
+        return frozenset({"logit_scale"})
+    stem, prefix = kind.source
+    from lorasmith.archs.base import load_packaged_inventory
+
+    inv = load_packaged_inventory("lorasmith.archs", stem)
+    outer = kind.outer or ""
+    found = {
+        k[len(outer) :] for k in inv.tensors if outer and k.startswith(outer) and not k.startswith(prefix)
+    }
+    return frozenset(found & set(part_inventory(slot.kind))) | {"logit_scale"}
+
+
+def _clean_meta(meta: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in meta.items() if k not in _STALE and k != VERBATIM_KEY and k != RECORD_KEY}
+
+
+def _describe(path: Path, header: Header) -> str:
+    """What a file that is no part looks like, for an error message."""
+    from lorasmith.registry import get_registry
+
+    try:
+        det = get_registry().detect(header, source=str(path))
+    except DetectionError:
+        return "no known model part"
+    what = "LoRA" if det.kind == "lora" else "checkpoint"
+    comps = f" ({', '.join(det.components)})" if det.components else ""
+    return f"a {det.arch} {what}{comps}"
+
+
+def _needs(slot: Slot) -> str:
+    from lorasmith.archs.parts import PART_KINDS
+
+    return "the diffusion model" if slot.kind is None else f"the {PART_KINDS[slot.kind].name}"
+
+
+def _check_part(slot: Slot, path: Path, header: Header, family: str) -> str | None:
+    """Check that ``path`` is the part ``slot`` needs; returns a warning for an opaque part, else ``None``.
+
+    :raises InvalidFileError: the file is another part, or no part at all.
+    """
+    from lorasmith.archs.parts import PART_KINDS, detect_part
+
+    assert slot.kind is not None
+    found = detect_part(header)
+    if found is not None and found.kind == slot.kind:
+        return None
+    option = slot.option.split("/")[0]
+    if found is not None:
+        raise InvalidFileError(
+            f"{option} {path.name}: is the {found.reason}; {family} needs {_needs(slot)} here",
+            hint=f"give {_needs(slot)} to {option}",
+        )
+    if PART_KINDS[slot.kind].source is None and _describe(path, header) == "no known model part":
+        # Qwen3-4B: keys unknown to this package's data are accepted as an opaque component
+        return f"{path.name}: not verified as the {PART_KINDS[slot.kind].name}; copied as it is"
+    raise InvalidFileError(
+        f"{option} {path.name}: is not {_needs(slot)} (it looks like {_describe(path, header)})",
+        hint=f"give {_needs(slot)} to {option}",
+    )
+
+
+@dataclass(frozen=True)
+class _Source:
+    """One tensor to write: read ``key`` from input ``file`` (an index), write it as ``out``."""
+
+    file: int
+    key: str
+    out: str
+    slot: Slot
+
+
+def _stream(
+    paths: Sequence[Path],
+    sources: Sequence[_Source],
+    headers: Sequence[Header],
+    output: Path,
+    *,
+    dtypes: Mapping[str, str | None],
+    metadata: Mapping[str, str],
+    overwrite: bool,
+    stats: CastStats,
+    counts: dict[str, int],
+    progress: Callable[[str], None],
+    transform: Callable[[_Source, torch.Tensor], torch.Tensor] | None = None,
+) -> int:
+    """Write ``sources`` (read one tensor at a time) to ``output``; returns the file size."""
+    from contextlib import ExitStack
+
+    from lorasmith.io.reader import open_tensors
+    from lorasmith.io.writer import SafetensorsWriter
+    from lorasmith.ops._convert_dtype import cast_tensor
+
+    plan: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for s in sources:
+        info = headers[s.file].tensors[s.key]
+        if s.out in plan:
+            raise InvalidFileError(
+                f"{paths[s.file].name}: tensor {s.out!r} comes from two inputs",
+                hint="give each part once (the diffusion model file may already hold it)",
+            )
+        plan[s.out] = (_target(s.slot, dtypes, info.dtype), tuple(info.shape))
+    with (
+        SafetensorsWriter(
+            output, metadata=dict(metadata), overwrite=overwrite, inputs=list(paths), plan=plan
+        ) as writer,
+        ExitStack() as stack,
+    ):
+        files = [stack.enter_context(open_tensors(p)) for p in paths]
+        for s in sources:
+            t = files[s.file].get(s.key)
+            if transform is not None:
+                t = transform(s, t)
+            target = plan[s.out][0]
+            new, cs = cast_tensor(t, target if target != headers[s.file].tensors[s.key].dtype else None)
+            stats.add(cs)
+            writer.write(s.out, new)
+            counts[target] = counts.get(target, 0) + 1
+            del t, new
+            progress(s.out)
+        return writer.close().file_bytes
+
+
+def _cast_report(stats: CastStats) -> dict[str, int]:
+    return {
+        "tensors": stats.tensors,
+        "values": stats.values,
+        "overflowed": stats.overflowed,
+        "flushed_to_zero": stats.flushed,
+    }
+
+
+def _detect_main(path: Path, header: Header, arch: str | None) -> tuple[Architecture, str | None]:
+    """The family of a diffusion model file (bare or prefixed keys, maybe with other parts in it)."""
+    from lorasmith.archs.parts import detect_part
+    from lorasmith.registry import get_registry
+
+    part = detect_part(header)
+    if part is not None and arch is None:
+        raise InvalidFileError(
+            f"--transformer {path.name}: is the {part.reason}, not a diffusion model",
+            hint="give the diffusion model (UNet/transformer) file to --transformer/--unet",
+        )
+    reg = get_registry()
+    det = reg.detect(header, arch=arch, source=str(path))
+    if det.kind in ("lora", "mixed"):
+        raise InvalidFileError(f"{path.name}: is a LoRA, not a checkpoint", hint="give a model file")
+    family = reg.get(det.arch)
+    canonical = family.canonical_inventory(det.variant)
+    if det.layout is not None and det.layout != canonical.layout:
+        raise InvalidFileError(
+            f"{path.name}: is in the {det.layout} layout, not the {family.id} single-file layout",
+            hint="convert it first: lorasmith convert FILE --to single",
+        )
+    return family, det.variant
+
+
+def _verbatim(header: Header, family: Architecture, variant: str | None) -> set[str]:
+    """Main-part keys that keep their full name: listed by a split, or outside every inventory component."""
+    out: set[str] = set()
+    raw = header.metadata.get(VERBATIM_KEY)
+    if raw:
+        with contextlib.suppress(ValueError, TypeError):
+            out.update(str(k) for k in json.loads(raw))
+    inv = family.canonical_inventory(variant)
+    out.update(k for k in header.tensors if k in inv.tensors and inv.component_of(k) is None)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- assemble
+def assemble(
+    parts: Mapping[str, PathLike | None],
+    output: PathLike,
+    *,
+    arch: str | None = None,
+    dtype: str | None = None,
+    unet_dtype: str | None = None,
+    te_dtype: str | None = None,
+    vae_dtype: str | None = None,
+    overwrite: bool = False,
+    progress: ProgressCallback | None = None,
+) -> ComponentsResult:
+    """Assemble separate part files into one single-file checkpoint of the family's native layout.
+
+    :param parts: slot -> file: ``transformer`` (or ``unet``: the diffusion model, which decides the
+        family), ``vae``, ``clip_l``, ``clip_g``, ``t5xxl``, ``text_encoder``; ``None`` values are ignored.
+        The diffusion model file may already hold other parts (SD3's ``sd3_medium.safetensors`` holds the
+        VAE); a part given twice is an error.
+    :param output: the ``.safetensors`` file to write.
+    :param arch: force the family of the diffusion model.
+    :param dtype: dtype of every floating tensor; ``unet_dtype``/``te_dtype``/``vae_dtype`` per component.
+    :raises InvalidFileError: a part that is not what its slot needs, a missing required part, a part
+        given twice.
+    :raises UsageError: a slot the family does not have, no diffusion model.
+    """
+    from lorasmith.io.header import read_header
+    from lorasmith.io.writer import check_output_path
+
+    cb = progress or noop
+    dts = _dtypes(dtype, unet_dtype, te_dtype, vae_dtype)
+    given = {("transformer" if k == "unet" else k): Path(v) for k, v in parts.items() if v is not None}
+    if MAIN not in given:
+        raise UsageError(
+            "assemble needs the diffusion model", hint="give --transformer FILE (or --unet FILE)"
+        )
+    for slot_name, p in given.items():
+        if not p.is_file():
+            raise InvalidFileError(f"{p}: no such file", hint=f"check the path given for the {slot_name}")
+    out = Path(output)
+    check_output_path(out, overwrite=overwrite, inputs=list(given.values()))
+    main_path = given[MAIN]
+    main_header = read_header(main_path)
+    family, variant = _detect_main(main_path, main_header, arch)
+    slots = layout_for(family.id, variant)
+    by_name = {s.name: s for s in slots}
+    for name in given:
+        if name not in by_name:
+            raise UsageError(
+                f"{family.id} has no {name} part",
+                hint="its parts: " + ", ".join(s.option for s in slots),
+            )
+    paths: list[Path] = [main_path]
+    headers: list[Header] = [main_header]
+    reports = [PartReport(slot=MAIN, path=str(main_path), tensors=len(main_header.tensors))]
+    sources: list[_Source] = []
+    warnings: list[str] = []
+    # the diffusion model file: bare keys get the model prefix; keys already under a slot prefix stay
+    verbatim = _verbatim(main_header, family, variant)
+    present: set[str] = set()
+    main_slot = by_name[MAIN]
+    for key in main_header.tensors:
+        slot = None if key in verbatim else _slot_of(key, slots)
+        if key in verbatim:
+            sources.append(_Source(0, key, key, main_slot))
+            continue
+        if slot is None:
+            slot = main_slot
+            name = main_slot.prefix + key
+        else:
+            name = key
+        present.add(slot.name)
+        sources.append(_Source(0, key, name, slot))
+    for slot in slots[1:]:
+        path = given.get(slot.name)
+        if path is None:
+            continue
+        if slot.name in present:
+            raise InvalidFileError(
+                f"{slot.option} {path.name}: {main_path.name} already holds the {slot.name}",
+                hint=f"drop {slot.option}, or give a diffusion model file without it",
+            )
+        header = read_header(path)
+        warn = _check_part(slot, path, header, family.id)
+        if warn:
+            warnings.append(warn)
+        outer = _outer_keys(slot)
+        idx = len(paths)
+        paths.append(path)
+        headers.append(header)
+        reports.append(
+            PartReport(slot=slot.name, kind=slot.kind, path=str(path), tensors=len(header.tensors))
+        )
+        sources.extend(_Source(idx, k, _single_key(k, slot, outer), slot) for k in header.tensors)
+        present.add(slot.name)
+    for slot in slots:
+        if slot.required and slot.name not in present:
+            raise InvalidFileError(
+                f"{family.id} needs {_needs(slot)}: give {slot.option} FILE",
+                hint=f"a {family.id} single file holds " + ", ".join(s.name for s in slots if s.required),
+            )
+    meta = _clean_meta(main_header.metadata)
+    meta[RECORD_KEY] = json.dumps(
+        {"assembled": {r.slot: Path(r.path).name for r in reports}}, separators=(",", ":"), sort_keys=True
+    )
+    stats = CastStats()
+    counts: dict[str, int] = {}
+    total = len(sources)
+    done = 0
+
+    def tick(name: str) -> None:
+        nonlocal done
+        done += 1
+        cb(ProgressEvent("assembling", done, total, name))
+
+    size = _stream(
+        paths,
+        sources,
+        headers,
+        out,
+        dtypes=dts,
+        metadata=meta,
+        overwrite=overwrite,
+        stats=stats,
+        counts=counts,
+        progress=tick,
+    )
+    return ComponentsResult(
+        mode="assemble",
+        arch=family.id,
+        variant=variant,
+        inputs=reports,
+        outputs=[PartReport(slot="checkpoint", path=str(out), tensors=total, file_bytes=size)],
+        dtypes=dict(sorted(counts.items())),
+        cast=_cast_report(stats),
+        warnings=warnings,
+    )
+
+
+# ------------------------------------------------------------------------------------------------- split
+def _file_name(slot: Slot, stem: str, dtype_word: str | None) -> str:
+    if slot.filename is None:
+        return f"{stem}.safetensors"
+    if slot.name == "t5xxl" and dtype_word:
+        return f"t5xxl_{dtype_word}.safetensors"
+    return slot.filename
+
+
+def split(
+    checkpoint: PathLike,
+    output_dir: PathLike,
+    *,
+    arch: str | None = None,
+    dtype: str | None = None,
+    unet_dtype: str | None = None,
+    te_dtype: str | None = None,
+    vae_dtype: str | None = None,
+    overwrite: bool = False,
+    progress: ProgressCallback | None = None,
+) -> ComponentsResult:
+    """Split a single-file checkpoint into one file per part, keyed and named as the separate distributions.
+
+    The diffusion model is written as ``<checkpoint name>.safetensors`` with bare keys (and the checkpoint's
+    metadata); the others as ``ae.safetensors``/``vae.safetensors``, ``clip_l.safetensors``,
+    ``clip_g.safetensors``, ``t5xxl_<dtype>.safetensors``, ``qwen_3_4b.safetensors`` (see
+    :mod:`lorasmith.ops._components_layouts`). Keys outside every part (schedule buffers) stay with the
+    diffusion model under their full names, listed in its metadata so that :func:`assemble` restores them.
+
+    :raises InvalidFileError: not a checkpoint, or no diffusion model in it.
+    :raises OutputExistsError: an output file exists (without ``overwrite``).
+    """
+    from lorasmith.io.header import read_header
+    from lorasmith.io.writer import check_output_path
+    from lorasmith.registry import get_registry
+
+    cb = progress or noop
+    dts = _dtypes(dtype, unet_dtype, te_dtype, vae_dtype)
+    src = Path(checkpoint)
+    if not src.is_file():
+        raise InvalidFileError(f"{src}: no such file", hint="check the path")
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        raise InvalidFileError(f"{folder}: output folder does not exist", hint="create the folder first")
+    header = read_header(src)
+    reg = get_registry()
+    det = reg.detect(header, arch=arch, source=str(src))
+    if det.kind in ("lora", "mixed"):
+        raise InvalidFileError(f"{src.name}: is a LoRA, not a checkpoint", hint="split takes a checkpoint")
+    family = reg.get(det.arch)
+    slots = layout_for(family.id, det.variant)
+    groups: dict[str, list[str]] = {}
+    verbatim: list[str] = []
+    for key in header.tensors:
+        slot = _slot_of(key, slots)
+        if slot is None:
+            verbatim.append(key)
+            slot = slots[0]
+        groups.setdefault(slot.name, []).append(key)
+    if not any(k.startswith(slots[0].prefix) for k in groups.get(MAIN, [])):
+        raise InvalidFileError(
+            f"{src.name}: holds no diffusion model under {slots[0].prefix!r}",
+            hint="split takes a single-file checkpoint (model.diffusion_model.* keys)",
+        )
+    jobs: list[tuple[Slot, Path, list[str]]] = []
+    for slot in slots:
+        keys = groups.get(slot.name)
+        if not keys:
+            continue
+        word = None
+        if slot.name == "t5xxl":
+            stored = [_target(slot, dts, header.tensors[k].dtype) for k in keys]
+            common = max(set(stored), key=stored.count)
+            word = _DTYPE_WORD.get(common)
+        jobs.append((slot, folder / _file_name(slot, src.stem, word), keys))
+    for _slot, path, _keys in jobs:
+        check_output_path(path, overwrite=overwrite, inputs=[src])
+    stats = CastStats()
+    counts: dict[str, int] = {}
+    total = len(header.tensors)
+    done = 0
+
+    def tick(name: str) -> None:
+        nonlocal done
+        done += 1
+        cb(ProgressEvent("splitting", done, total, name))
+
+    outputs: list[PartReport] = []
+    for slot, path, keys in jobs:
+        is_main = slot.name == MAIN
+        meta = _clean_meta(header.metadata) if is_main else {}
+        kept = [k for k in keys if is_main and k in verbatim]
+        if kept:
+            meta[VERBATIM_KEY] = json.dumps(kept, separators=(",", ":"))
+        meta[RECORD_KEY] = json.dumps({"split_from": src.name, "part": slot.name}, separators=(",", ":"))
+        sources = [_Source(0, k, k if k in kept else _part_key(k, slot), slot) for k in keys]
+        size = _stream(
+            [src],
+            sources,
+            [header],
+            path,
+            dtypes=dts,
+            metadata=meta,
+            overwrite=overwrite,
+            stats=stats,
+            counts=counts,
+            progress=tick,
+        )
+        outputs.append(
+            PartReport(slot=slot.name, kind=slot.kind, path=str(path), tensors=len(keys), file_bytes=size)
+        )
+    return ComponentsResult(
+        mode="split",
+        arch=family.id,
+        variant=det.variant,
+        inputs=[PartReport(slot="checkpoint", path=str(src), tensors=total)],
+        outputs=outputs,
+        dtypes=dict(sorted(counts.items())),
+        cast=_cast_report(stats),
+    )
+
+
+def bake_parts(
+    base: PathLike,
+    loras: Sequence[PathLike],
+    output: PathLike,
+    *,
+    parts: Mapping[str, tuple[PathLike, PathLike]],
+    arch: str | None = None,
+    blocks: str | None = None,
+    precision: str = "float32",
+    save_dtype: str | None = None,
+    strict: bool = False,
+    overwrite: bool = False,
+    progress: ProgressCallback | None = None,
+) -> ComponentsResult:
+    """Bake LoRAs into a diffusion model and into its separate part files (text encoders), each streamed
+    and written atomically to its own output; see :func:`lorasmith.ops._components_bake.bake_parts`."""
+    from lorasmith.ops._components_bake import bake_parts as impl
+
+    return impl(
+        base,
+        loras,
+        output,
+        parts=parts,
+        arch=arch,
+        blocks=blocks,
+        precision=precision,
+        save_dtype=save_dtype,
+        strict=strict,
+        overwrite=overwrite,
+        progress=progress,
+    )

@@ -1,0 +1,225 @@
+"""Merge recipes: the arguments of :func:`lorasmith.ops.merge.merge` read from a YAML file.
+
+Torch-free. A recipe is a YAML mapping whose keys are the options of ``lorasmith merge`` (``save_dtype`` or
+``save-dtype``; ``lambda`` for ``--lambda``); inputs are lists whose items are ``FILE[:RATIO]`` strings or
+``{path: FILE, ratio: R}`` mappings. Relative paths are relative to the recipe's folder, so a recipe and
+its files can move together. See ``docs/merge.md`` for examples.
+
+Validation is pydantic's; every problem becomes one line ``FILE: FIELD: what is wrong`` (``FIELD`` as
+``loras[1].ratio``) in one :class:`RecipeError` (exit code 1).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lorasmith.errors import InvalidFileError, LorasmithError
+
+__all__ = ["MergeRecipe", "RecipeError", "RecipeInput", "load_recipe", "recipe_arguments"]
+
+
+class RecipeError(LorasmithError):
+    """A recipe that is not valid YAML or does not validate (exit code 1).
+
+    :ivar problems: one ``FILE: FIELD: problem`` line per problem; the message holds them all, one per
+        printed ``error:`` line.
+    """
+
+    def __init__(self, problems: Sequence[str], hint: str | None = None) -> None:
+        self.problems = list(problems)
+        # report_error prints "error: <message>"; continuation lines get their own "error:" prefix so
+        # that each field's problem is one complete line
+        super().__init__("\nerror: ".join(self.problems), hint=hint)
+
+
+class RecipeInput(BaseModel):
+    """One input file of a recipe and its ratio (``None``: the mode's default)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(min_length=1)
+    ratio: float | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, value: Any) -> Any:
+        """``"a.safetensors:0.7"`` -> ``{"path": "a.safetensors", "ratio": 0.7}``."""
+        if isinstance(value, str):
+            head, sep, tail = value.rpartition(":")
+            if sep and head:
+                try:
+                    return {"path": head, "ratio": float(tail)}
+                except ValueError:
+                    pass
+            return {"path": value}
+        return value
+
+    @field_validator("ratio")
+    @classmethod
+    def _finite(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
+            raise ValueError("the ratio must be a finite number")
+        return value
+
+
+BlocksValue = str | list[float] | dict[str, float]
+
+
+class MergeRecipe(BaseModel):
+    """A validated merge recipe (field names are :func:`~lorasmith.ops.merge.merge`'s parameters).
+
+    Exactly one mode: ``loras`` alone (LoRA merge), ``base`` + ``loras`` (bake) or ``models`` (checkpoint
+    merge). ``blocks`` is the ``--blocks`` text, a list of numbers, or a ``{LABEL: value}`` mapping.
+    """
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    output: str | None = Field(None, min_length=1)
+    loras: list[RecipeInput] = Field(default_factory=list)
+    base: str | None = Field(None, min_length=1)
+    models: list[RecipeInput] = Field(default_factory=list)
+    method: Literal["weighted-sum", "add-difference", "ties", "dare"] = "weighted-sum"
+    rank: int | None = Field(None, ge=1)
+    dynamic: str | None = None
+    to: str | None = None
+    blocks: BlocksValue | None = None
+    arch: str | None = None
+    unet_only: bool = False
+    density: float = Field(0.2, gt=0.0, le=1.0)
+    drop: float = Field(0.9, ge=0.0, lt=1.0)
+    lam: float = Field(1.0, alias="lambda", allow_inf_nan=False)
+    seed: int = 0
+    precision: Literal["float32", "float64", "fp32", "fp64"] = "float32"
+    save_dtype: (
+        Literal["float32", "float16", "bfloat16", "float64", "fp32", "fp16", "bf16", "fp64"] | None
+    ) = None
+    strict: bool = False
+    overwrite: bool = False
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> MergeRecipe:
+        if self.models and (self.loras or self.base is not None):
+            raise ValueError("give either models (checkpoint merge) or loras (with base to bake), not both")
+        if self.base is not None and not self.loras:
+            raise ValueError("base needs loras to bake into it")
+        if not self.models and not self.loras:
+            raise ValueError("nothing to merge: give loras (and base to bake them) or models")
+        return self
+
+    def blocks_text(self) -> str | None:
+        """``blocks`` as the ``--blocks`` text."""
+        b = self.blocks
+        if b is None or isinstance(b, str):
+            return b
+        if isinstance(b, list):
+            return ",".join(f"{v:g}" for v in b)
+        return ",".join(f"{k}={v:g}" for k, v in b.items())
+
+
+def _field(loc: Sequence[int | str]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def _problems(path: Path, exc: ValidationError) -> list[str]:
+    lines = []
+    for err in exc.errors(include_url=False):
+        msg = str(err["msg"])
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        lines.append(f"{path}: {_field(err['loc'])}: {msg}")
+    return lines
+
+
+def load_recipe(path: str | os.PathLike[str]) -> MergeRecipe:
+    """Read and validate a recipe file.
+
+    :raises InvalidFileError: the file cannot be read.
+    :raises RecipeError: not YAML, not a mapping, or fields that do not validate (one line each).
+    """
+    import yaml  # type: ignore[import-untyped]
+
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidFileError(f"{p}: cannot read the recipe ({exc})", hint="check the path") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise RecipeError([f"{p}: {where}not valid YAML ({problem})"], hint="check the indentation") from None
+    if data is None:
+        raise RecipeError([f"{p}: the recipe is empty"], hint="see docs/merge.md for examples")
+    if not isinstance(data, dict):
+        raise RecipeError(
+            [f"{p}: a recipe is a mapping of options, got {type(data).__name__}"],
+            hint="see docs/merge.md for examples",
+        )
+    # option spellings of the command line (save-dtype, unet-only) are accepted as well
+    fields = {(k.replace("-", "_") if isinstance(k, str) else k): v for k, v in data.items()}
+    try:
+        return MergeRecipe.model_validate(fields)
+    except ValidationError as exc:
+        raise RecipeError(_problems(p, exc), hint="see docs/merge.md for the recipe fields") from None
+
+
+def _resolve(folder: Path, name: str) -> str:
+    p = Path(os.path.expanduser(name))
+    return str(p if p.is_absolute() else folder / p)
+
+
+def _spec(folder: Path, item: RecipeInput) -> str:
+    path = _resolve(folder, item.path)
+    return path if item.ratio is None else f"{path}:{item.ratio!r}"
+
+
+def recipe_arguments(
+    recipe: MergeRecipe, folder: str | os.PathLike[str], output: str | None
+) -> dict[str, Any]:
+    """The keyword arguments of :func:`~lorasmith.ops.merge.merge` for ``recipe``.
+
+    :param folder: relative paths are resolved against it (the recipe's folder).
+    :param output: the output to use when the recipe has none.
+    :raises RecipeError: neither the recipe nor ``output`` names an output.
+    """
+    base = Path(folder)
+    out = _resolve(base, recipe.output) if recipe.output is not None else output
+    if out is None:
+        raise RecipeError(["recipe: output: missing"], hint="add output: FILE to the recipe, or give -o")
+    return {
+        "loras": [_spec(base, x) for x in recipe.loras],
+        "output": out,
+        "base": _resolve(base, recipe.base) if recipe.base is not None else None,
+        "models": [_spec(base, x) for x in recipe.models],
+        "method": recipe.method,
+        "rank": recipe.rank,
+        "dynamic": recipe.dynamic,
+        "to": recipe.to,
+        "blocks": recipe.blocks_text(),
+        "arch": recipe.arch,
+        "unet_only": recipe.unet_only,
+        "density": recipe.density,
+        "drop": recipe.drop,
+        "lam": recipe.lam,
+        "seed": recipe.seed,
+        "precision": recipe.precision,
+        "save_dtype": recipe.save_dtype,
+        "strict": recipe.strict,
+        "overwrite": recipe.overwrite,
+    }
