@@ -226,7 +226,7 @@ OVERRIDES: dict[tuple[str, str], Expect] = {
     ("directory", "cache-norms"): Expect(2, r"is a directory"),
     ("directory", "convert"): Expect(1, r"is a folder", note="convert reads diffusers folders"),
     ("lora_zero_rank", "merge-lora"): Expect(1, r"rank", bug=_ZERO_RANK_BUG),
-    ("lora_zero_rank", "resize"): Expect(1, r"rank", bug=_ZERO_RANK_BUG),
+    ("lora_zero_rank", "resize"): Expect(1, r"rank"),
     ("lora_zero_rank", "extract-tuned"): Expect(1, r"rank", bug=_ZERO_RANK_BUG),
     ("lora_zero_rank", "convert"): Expect(0, note="a rank-0 module is converted as it is"),
 }
