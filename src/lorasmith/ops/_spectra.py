@@ -9,8 +9,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from lorasmith.adapters import parse_module
+from lorasmith.errors import UsageError
 from lorasmith.io.reader import open_tensors
-from lorasmith.linalg import factorized_svd, resolve_device
+from lorasmith.linalg import factorized_svd
+from lorasmith.ops._device import compute_device
 from lorasmith.progress import ProgressCallback, ProgressEvent
 
 if TYPE_CHECKING:
@@ -52,7 +54,7 @@ def block_spectra(
     """Group modules by (block, type) and summarise their spectra."""
     from lorasmith.ops.inspect import BlockRow
 
-    dev = resolve_device(device)
+    dev = compute_device(device, error=UsageError)
     by_name = {r.name: r for r in rows}
     groups: dict[tuple[str, str], list[tuple[int, float, float, float]]] = {}
     with open_tensors(header.path) as tf:

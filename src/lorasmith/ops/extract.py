@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, Field
 
 from lorasmith.errors import LorasmithError, ShapeMismatchError, UsageError
+from lorasmith.ops._device import compute_device
 from lorasmith.progress import ProgressCallback, ProgressEvent, noop
 
 if TYPE_CHECKING:
@@ -232,7 +233,6 @@ def extract(
     import torch
 
     from lorasmith.io.writer import check_output_path
-    from lorasmith.linalg import LinalgError, resolve_device
     from lorasmith.ops._extract_io import CheckpointInput, check_pair, is_float, open_input
 
     report = progress or noop
@@ -248,10 +248,7 @@ def extract(
         raise UsageError(f"--clamp-quantile {clamp_quantile} is not in (0, 1]", hint="use e.g. 0.99")
     if precision not in ("float32", "float64"):
         raise UsageError(f"unknown --precision {precision!r}", hint="use float32 or float64")
-    try:
-        dev = resolve_device(device)
-    except LinalgError as exc:
-        raise UsageError(str(exc), hint="use --device cpu") from None
+    dev = compute_device(device, error=UsageError)
     compute = torch.float64 if precision == "float64" else torch.float32
     base_p, tuned_p = Path(base), Path(tuned)
     tuned2_p = Path(tuned2) if tuned2 is not None else None

@@ -293,7 +293,6 @@ def compute_norms(
     import torch
 
     from lorasmith.io.reader import open_tensors
-    from lorasmith.linalg import LinalgError, resolve_device
 
     wanted: list[NormKey] = list(dict.fromkeys(keys))
     header = read_header(base_path)
@@ -325,10 +324,9 @@ def compute_norms(
         else:
             missing.append(key)
     if missing:
-        try:
-            dev = resolve_device(device)
-        except LinalgError as exc:
-            raise LorasmithError(str(exc), hint="use --device cpu") from None
+        from lorasmith.ops._device import compute_device
+
+        dev = compute_device(device)
         new: dict[str, WeightNorms] = {}
         with open_tensors(base_path) as tf, torch.no_grad():
             for i, key in enumerate(missing):

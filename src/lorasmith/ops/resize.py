@@ -57,6 +57,7 @@ from lorasmith.errors import (
     ShapeMismatchError,
 )
 from lorasmith.io.header import Header, read_header
+from lorasmith.ops._device import compute_device
 from lorasmith.ops.loralib import (
     InputSpec,
     LoraFile,
@@ -711,7 +712,6 @@ def resize(
     import torch
 
     from lorasmith.io.writer import check_output_path
-    from lorasmith.linalg import LinalgError, resolve_device
 
     started = time.perf_counter()
     recipes = parse_recipes(recipe) if recipe is not None else []
@@ -748,10 +748,7 @@ def resize(
         out_folder = Path(output_dir)
         if not out_folder.is_dir():
             raise InvalidFileError(f"{out_folder}: output folder does not exist", hint="create it first")
-    try:
-        dev = resolve_device(device)
-    except LinalgError as exc:
-        raise LorasmithError(str(exc), hint="use --device cpu") from None
+    dev = compute_device(device)
     cdtype = torch.float64 if precision == "float64" else torch.float32
 
     result = ResizeResult(outputs=[], device=str(dev), precision=precision, decompositions=0, seconds=0.0)

@@ -495,14 +495,10 @@ def _run_jobs(
     import torch
 
     from lorasmith.io.dtypes import torch_dtype
-    from lorasmith.linalg import resolve_device
-    from lorasmith.linalg.errors import LinalgError
+    from lorasmith.ops._device import compute_device
     from lorasmith.ops.cache.vae import build_vae
 
-    try:
-        dev = resolve_device(device)
-    except LinalgError as exc:
-        raise UsageError(str(exc), hint="pass --device cpu, cuda or cuda:N") from exc
+    dev = compute_device(device, error=UsageError)
     tdt = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(
         dtype
     ) or torch_dtype(dtype)

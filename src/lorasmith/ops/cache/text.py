@@ -610,14 +610,10 @@ def _build(
 ) -> _Encoders:
     import torch
 
-    from lorasmith.linalg import resolve_device
-    from lorasmith.linalg.errors import LinalgError
+    from lorasmith.ops._device import compute_device
     from lorasmith.ops.cache._te_models import build_clip, build_t5, load_state
 
-    try:
-        dev = resolve_device(device)
-    except LinalgError as exc:
-        raise UsageError(str(exc), hint="pass --device cpu, cuda or cuda:N") from exc
+    dev = compute_device(device, error=UsageError)
     tdt = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
     enc = _Encoders({}, {}, {})
     for i, slot in enumerate(family.slots):
