@@ -97,6 +97,42 @@ class TensorFile:
             self._read_into(raw, self.header.data_offset + info.start, name)
         return raw.view(dtype).reshape(shape)
 
+    def read_part(self, name: str, start: int, count: int, into: torch.Tensor | None = None) -> torch.Tensor:
+        """Read elements ``[start, start + count)`` of tensor ``name`` (flattened) as a 1-d tensor.
+
+        ``into`` is a byte buffer (``torch.uint8``, at least the part's size) to read into, so that a
+        streaming loop can reuse a few buffers instead of allocating (and page-faulting) fresh memory for
+        every tensor; the result is then a view of it. Thread-safe where ``preadv`` exists.
+
+        :raises KeyError: no such tensor.
+        :raises ValueError: the range is outside the tensor, or ``into`` is too small or not bytes.
+        :raises InvalidFileError, NotAvailableError: as :meth:`get`.
+        """
+        import torch
+
+        info = self.info(name)
+        dtype = torch_dtype(info.dtype)
+        numel = 1
+        for d in info.shape:
+            numel *= int(d)
+        size = torch.empty((), dtype=dtype).element_size()
+        if start < 0 or count < 0 or start + count > numel or size * numel != info.nbytes:
+            raise ValueError(f"{self.path}: elements {start}:{start + count} of {name!r} ({numel} elements)")
+        nbytes = count * size
+        if into is None:
+            raw = torch.empty(nbytes, dtype=torch.uint8)
+        else:
+            if into.dtype != torch.uint8 or into.ndim != 1 or into.numel() < nbytes:
+                raise ValueError(f"read_part: buffer of {into.numel()} {into.dtype} for {nbytes} bytes")
+            raw = into[:nbytes]
+        if self._fh.closed:
+            raise InvalidFileError(
+                f"{self.path}: file is closed", hint="read tensors inside the `with` block"
+            )
+        if nbytes:
+            self._read_into(raw, self.header.data_offset + info.start + start * size, name)
+        return raw.view(dtype)
+
     def _read_into(self, raw: torch.Tensor, offset: int, name: str) -> None:
         view = raw.numpy().data
         done = 0
