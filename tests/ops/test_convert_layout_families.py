@@ -197,7 +197,7 @@ def test_configs_build_the_real_models(family: str, variant: str) -> None:
         assert got == ours, sub
 
 
-def test_cli_layout_json_and_sd3_refused(tmp_path: Path) -> None:
+def test_cli_layout_json(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
     from lorasmith.cli import app
@@ -210,7 +210,18 @@ def test_cli_layout_json_and_sd3_refused(tmp_path: Path) -> None:
     data = json.loads(res.stdout)
     assert data["to_spelling"] == "diffusers-unet"
     assert sum(data["dtypes"].values()) == data["tensors"] == 1143
-    sd3 = tmp_path / "sd3.safetensors"
-    make_checkpoint(get("sd3"), sd3)
-    res = CliRunner().invoke(app, ["convert", str(sd3), "-o", str(tmp_path / "x"), "--to", "diffusers"])
-    assert res.exit_code == 1 and "no diffusers layout" in res.stderr and "Traceback" not in res.output
+
+
+def test_a_family_without_a_layout_map_is_a_clear_error(tmp_path: Path) -> None:
+    """A plugin family with a diffusers inventory but no layout_map: "no key map", nothing written."""
+    from lorasmith.errors import NotAvailableError
+    from lorasmith.ops.layouts import canonical_to_layout
+    from lorasmith.progress import noop
+    from lorasmith.testing import ToyArch
+
+    toy = ToyArch()
+    src = tmp_path / "toy.safetensors"
+    make_checkpoint(toy, src)
+    with pytest.raises(NotAvailableError, match="no key map"):
+        canonical_to_layout(src, tmp_path / "out", arch=toy, variant=None, overwrite=False, progress=noop)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["toy.safetensors"]

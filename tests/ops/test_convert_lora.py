@@ -345,3 +345,19 @@ def test_cli(tmp_path: Path) -> None:
     assert res.exit_code == 1 and "already exists" in res.stderr and "Traceback" not in res.output
     res = runner.invoke(app, ["convert", str(fx.path), "-o", str(tmp_path / "x.safetensors"), "--to", "zzz"])
     assert res.exit_code == 2 and "unknown target spelling" in res.stderr
+
+
+def test_docs_spelling_table_matches_the_families() -> None:
+    """docs/convert.md's family x spelling table says what each family's ``spellings`` say."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "convert.md").read_text()
+    start = doc.index("| `--to` | sd1")
+    rows = doc[start:].split("\n\n", 1)[0].splitlines()[2:]
+    families = ["sd1", "sdxl", "flux", "sd3", "zimage"]
+    words = {"comfy": "kohya", "comfy-keys": "comfy", "diffusers": "peft"}
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        spelling = words.get(cells[0].split("`")[1], cells[0].split("`")[1])
+        for family, cell in zip(families, cells[1:], strict=True):
+            has = spelling in get(family).spellings
+            assert has == (cell != "-"), (family, spelling, cell)
+            assert (cell == "default") == (get(family).spellings[0] == spelling), (family, spelling)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Mapping, Sequence
+from functools import cached_property
 from typing import ClassVar
 
 from lorasmith.archs._dit import (
@@ -46,7 +47,16 @@ from lorasmith.archs._dit import (
     strip_prefix,
     weight_paths,
 )
-from lorasmith.archs.base import Alias, Architecture, KeyView, Kind, Target
+from lorasmith.archs.base import (
+    Alias,
+    Architecture,
+    Detection,
+    Inventory,
+    KeyView,
+    Kind,
+    LayoutEntry,
+    Target,
+)
 from lorasmith.hookspecs import hookimpl
 
 #: Prefix of the MMDiT in the canonical files.
@@ -89,6 +99,7 @@ _GLOBAL: dict[str, str] = {
 }
 _BLOCK = re.compile(r"^joint_blocks\.(\d+)\.(x_block|context_block)\.(.+)$")
 _ANY_BLOCK = re.compile(r"^(?:joint_blocks|transformer_blocks)\.(\d+)\.")
+_DIFFUSERS_ATTN2 = re.compile(r"^transformer_blocks\.\d+\.attn2\.")
 _IN_HEADS = ("x_embedder", "context_embedder", "t_embedder", "y_embedder", "pos_embed", "time_text_embed")
 _OUT_HEADS = ("final_layer", "norm_out", "proj_out")
 
@@ -184,6 +195,50 @@ class SD3(DiTArchitecture):
                     underscored=(("onetrainer", "lora_transformer_"), ("lycoris", "lycoris_")),
                 )
 
+    # ------------------------------------------------------------------------------------------ layouts
+    @cached_property
+    def _all_inventories(self) -> tuple[Inventory, ...]:
+        from lorasmith.archs._sd3_layout import diffusers_inventory_of
+
+        packaged = super().inventories()
+        return packaged + tuple(diffusers_inventory_of(inv) for inv in packaged if inv.canonical)
+
+    def inventories(self) -> tuple[Inventory, ...]:
+        """The packaged single-file inventories, then each variant's diffusers ``SD3Transformer2DModel``
+        inventory (``<variant>-diffusers``, layout ``diffusers-transformer``), derived from
+        :meth:`layout_map` (no manifest of the diffusers SD3 models is packaged)."""
+        return self._all_inventories
+
+    def layout_map(self, inventory_id: str) -> Mapping[str, LayoutEntry]:
+        """Canonical key -> diffusers folder key(s), for a ``<variant>-diffusers`` inventory.
+
+        ``transformer/`` (the MMDiT, q/k/v split), ``vae/``, ``text_encoder/`` (CLIP-L),
+        ``text_encoder_2/`` (CLIP-G), ``text_encoder_3/`` (T5-XXL); see :mod:`lorasmith.archs._sd3_layout`.
+        """
+        from lorasmith.archs._sd3_layout import DIFFUSERS_LAYOUT, sd3_layout_map
+
+        inv = next((i for i in self.inventories() if i.id == inventory_id), None)
+        if inv is None or inv.layout != DIFFUSERS_LAYOUT:
+            return super().layout_map(inventory_id)
+        return sd3_layout_map(self.canonical_inventory(inv.variant))
+
+    def detect_checkpoint(self, view: KeyView) -> Detection | None:
+        """As the base class; a file matched in the diffusers layout must have SD3's own ``pos_embed.*``.
+
+        (A FLUX.1 diffusers transformer shares most of SD3's diffusers block names but has no
+        ``pos_embed``; without this it would count as a partial SD3 file.)
+        """
+        from lorasmith.archs._sd3_layout import DIFFUSERS_LAYOUT
+
+        det = super().detect_checkpoint(view)
+        if (
+            det is not None
+            and det.layout == DIFFUSERS_LAYOUT
+            and not any(strip_prefix(k).startswith("pos_embed.") for k in view.tensors)
+        ):
+            return None
+        return det
+
     def block_of(self, key: str) -> str | None:
         """``TE1``/``TE2``/``TE3``, ``IN``, ``JB00``.., ``OUT``; ``None`` for the VAE and other keys.
 
@@ -224,15 +279,17 @@ class SD3(DiTArchitecture):
         gives the depth; otherwise the best-covering variant.
         """
         if kind == "checkpoint":
+            # single-file names, or diffusers ones (transformer_blocks.N, attn2, norm_k)
             keys = [strip_prefix(k) for k in view.tensors]
-            if any(".x_block.attn2." in k for k in keys):
+            if any(".x_block.attn2." in k or _DIFFUSERS_ATTN2.match(k) for k in keys):
                 return "sd3.5-medium"
-            idx = block_indices(keys, "joint_blocks")
+            idx = block_indices(keys, "joint_blocks") | block_indices(keys, "transformer_blocks")
             if not idx:
                 return variant
             if max(idx) + 1 > DEPTH["sd3-medium"]:
                 return "sd3.5-large"
-            if any(".attn.ln_k." in k or ".attn.ln_q." in k for k in keys):
+            norms = (".attn.ln_k.", ".attn.ln_q.", ".attn.norm_k.", ".attn.norm_q.")
+            if any(n in k for k in keys for n in norms):
                 return "sd3.5-medium"
             return "sd3-medium"
         targets = self._lora_targets(view)

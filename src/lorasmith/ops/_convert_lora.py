@@ -27,9 +27,12 @@ ways:
     of the smallest rank whose relative Frobenius error is at most ``lossy_tol`` (capped by
     ``lossy_rank``); the error is reported per module.
 
-DoRA: the magnitude is per output row in kohya/LyCORIS files (``[out, 1]``) and in PEFT
-(``lora_magnitude_vector [out]``), so a DoRA module renames losslessly between them. DoRA modules cannot
-be fused or split (their delta depends on the base weight), not even with ``lossy``.
+DoRA: a per-output-row magnitude is ``dora_scale [out, 1(, 1, 1)]`` in kohya/LyCORIS files and
+``lora_magnitude_vector`` in PEFT files (``[out]`` for a Linear layer, ``[1, out, 1, 1]`` for a Conv2d: PEFT's
+own layouts), so a DoRA LoRA renames losslessly between them; the magnitude itself is only reshaped. A
+per-input-column magnitude (early LyCORIS, ``[1, in]``) has no PEFT form. LoHa/LoKr/full + DoRA into PEFT
+goes through ``lossy`` with the magnitude kept (the error reported is the direction delta's). DoRA modules
+cannot be fused or split (their delta depends on the base weight), not even with ``lossy``.
 """
 
 from __future__ import annotations
@@ -233,8 +236,9 @@ def _convert_unit(
                 f"{where}: a {algo} module cannot be written with PEFT suffixes",
                 hint="convert to a spelling with kohya-style suffixes (kohya, comfy, lycoris...)",
             )
+        _check_peft_dora(where, info.summary.dora_axis)
         _require_lossy(lossy, f"{where}: a {algo} module has no exact PEFT form")
-        _lossy(unit, read, style, out, sources, lossy_tol, lossy_rank)
+        _lossy(unit, read, style, out, sources, lossy_tol, lossy_rank, keep_dora=True)
         return
     if unit.lowrank:
         if len(unit.contributions) == 1:
@@ -246,6 +250,37 @@ def _convert_unit(
     what = "fused" if len(unit.contributions) > 1 else "split"
     _require_lossy(lossy, f"{where}: {algos} modules cannot be {what} exactly")
     _lossy(unit, read, style, out, sources, lossy_tol, lossy_rank)
+
+
+def _check_peft_dora(where: str, axis: int | None) -> None:
+    """Refuse a DoRA magnitude PEFT cannot store: PEFT keeps one magnitude per output row."""
+    if axis is not None and axis != 0:
+        raise LorasmithError(
+            f"{where}: its DoRA magnitude is per input column, which PEFT cannot store",
+            hint="keep a kohya-style spelling for this LoRA (kohya, comfy, lycoris...)",
+        )
+
+
+def _peft_magnitude(unit: Unit, dora: torch.Tensor) -> torch.Tensor:
+    """A per-output-row magnitude in PEFT's layout: ``[out]`` (Linear) or ``[1, out, 1, 1]`` (Conv2d)."""
+    flat = dora.reshape(-1)
+    if _base_is_conv(unit):
+        # PEFT's Conv2d DoRA layer keeps the norm it was initialised from as [out, 1, 1, 1].transpose(0, 1)
+        return flat.reshape(1, -1, 1, 1).contiguous()
+    return flat.contiguous()
+
+
+def _base_is_conv(unit: Unit) -> bool:
+    """Whether the base weight of ``unit`` is a 4-D conv (its layer a Conv2d in diffusers), from the family's
+    inventories; the factors' own shape decides when the family does not know the weight."""
+    lora = unit.contributions[0].file
+    arch = lora.arch
+    if arch is not None and unit.base_key is not None:
+        for inv in (arch.canonical_inventory(lora.variant), *arch.inventories()):
+            spec = inv.tensors.get(unit.base_key)
+            if spec is not None:
+                return len(spec.shape) == 4
+    return unit.conv_shaped
 
 
 def _require_lossy(lossy: bool, message: str) -> None:
@@ -272,9 +307,10 @@ def _rename(
         for suffix, key in info.keys.items():
             t = lora.tensor(key)
             new = _KOHYA_EQUIV.get(suffix, suffix)
-            if new == ".dora_scale" and t.ndim == 1:
-                # PEFT keeps the per-output-row magnitude as [out]; kohya/LyCORIS as [out, 1(, 1, 1)]
-                t = t.reshape(t.shape[0], *([1] * (max(conv_ndim, 2) - 1)))
+            if new == ".dora_scale" and suffix != ".dora_scale":
+                # PEFT keeps the per-output-row magnitude as [out] (Linear) or [1, out, 1, 1] (Conv2d);
+                # kohya/LyCORIS as [out, 1] or [out, 1, 1, 1]: the same values, reshaped
+                t = t.reshape(t.numel(), *([1] * (max(conv_ndim, 2) - 1)))
             out.tensors[unit.name + new] = t
         if in_style == "peft" and ".alpha" not in info.keys and rank is not None:
             # PEFT factors carry scale 1: alpha = rank says exactly that to every kohya loader
@@ -306,13 +342,8 @@ def _rename(
         for suffix, t in encoded.items():
             out.tensors[unit.name + suffix] = t
         if r.dora is not None:
-            if r.dora.reshape(r.dora.shape[0], -1).shape[1] != 1 or r.dora.shape[0] != unit.out_features:
-                raise LorasmithError(
-                    f"module {c.module!r}: its DoRA magnitude {list(r.dora.shape)} is per input column, "
-                    "which PEFT cannot store",
-                    hint="keep a kohya-style spelling for this LoRA",
-                )
-            out.tensors[unit.name + ".lora_magnitude_vector"] = r.dora.reshape(-1).contiguous()
+            _check_peft_dora(f"module {c.module!r}", info.summary.dora_axis)
+            out.tensors[unit.name + ".lora_magnitude_vector"] = _peft_magnitude(unit, r.dora)
         if r.bias is not None:
             raise LorasmithError(
                 f"module {c.module!r} has a bias delta, which PEFT spellings cannot store",
@@ -512,17 +543,20 @@ def _lossy(
     sources: tuple[str, ...],
     tol: float,
     cap: int | None,
+    *,
+    keep_dora: bool = False,
 ) -> None:
     import torch
 
     from lorasmith.linalg.svd import exact_svd
     from lorasmith.ops.loralib import unit_dense
 
-    if any(r.dora is not None for r in read):
+    dora = read[0].dora if len(read) == 1 else None
+    if any(r.dora is not None for r in read) and not (keep_dora and dora is not None):
         raise LorasmithError(
-            f"module {sources[0]!r}: a DoRA module cannot be rewritten "
+            f"module {sources[0]!r}: a DoRA module cannot be fused or split "
             "(its delta depends on the base weight)",
-            hint="keep a kohya-style spelling and do not fuse or split this LoRA",
+            hint="keep a spelling that names this module as the input does (kohya, comfy, lycoris...)",
         )
     dense = unit_dense(unit, read, torch.float64)
     svd = exact_svd(dense)
@@ -531,6 +565,12 @@ def _lossy(
     up, down = cut.to_lora(k)
     dtype = _factor_dtype_any(read[0])
     _emit_lowrank(unit, up, down, float(k), style, dtype, torch.float32, out)
+    if dora is not None:
+        # the magnitude is kept as it is: the SVD only approximates the direction W + dW it re-normalises
+        if style == "peft":
+            out.tensors[unit.name + ".lora_magnitude_vector"] = _peft_magnitude(unit, dora)
+        else:
+            out.tensors[unit.name + ".dora_scale"] = dora
     bias = read[0].bias if len(read) == 1 else None
     if bias is not None:
         if style == "peft":

@@ -14,6 +14,7 @@ tokenizer folders of the base model).
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 
@@ -87,6 +88,125 @@ def zimage_transformer(shapes: Shapes) -> Json:
     }
 
 
+# ------------------------------------------------------------------------------------------- SD3 / 3.5
+def sd3_transformer(shapes: Shapes) -> Json:
+    """``SD3Transformer2DModel`` config (SD3 Medium, SD3.5 Medium with its dual-attention blocks, SD3.5
+    Large); the head width is the q/k norm's where the model has one, else 64 as released."""
+    hidden = shapes["context_embedder.weight"][0]
+    proj = shapes["pos_embed.proj.weight"]  # [hidden, in_channels, patch, patch]
+    patch = proj[2]
+    norm_q = shapes.get("transformer_blocks.0.attn.norm_q.weight")
+    heads = hidden // norm_q[0] if norm_q is not None else _heads(hidden)
+    dual = sorted(
+        int(m.group(1))
+        for k in shapes
+        if (m := re.match(r"^transformer_blocks\.(\d+)\.attn2\.to_q\.weight$", k))
+    )
+    return {
+        "_class_name": "SD3Transformer2DModel",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "attention_head_dim": hidden // heads,
+        "caption_projection_dim": hidden,
+        "dual_attention_layers": dual,
+        "in_channels": proj[1],
+        "joint_attention_dim": shapes["context_embedder.weight"][1],
+        "num_attention_heads": heads,
+        "num_layers": _count(shapes, r"^transformer_blocks\.(\d+)\."),
+        "out_channels": shapes["proj_out.weight"][0] // (patch * patch),
+        "patch_size": patch,
+        "pooled_projection_dim": shapes["time_text_embed.text_embedder.linear_1.weight"][1],
+        # the positional table is max_size x max_size positions (192 for Medium/Large, 384 for 3.5 Medium)
+        "pos_embed_max_size": math.isqrt(shapes["pos_embed.pos_embed"][1]),
+        "qk_norm": "rms_norm" if norm_q is not None else None,
+        "sample_size": 128,
+    }
+
+
+def t5_encoder(shapes: Shapes, dtype: str) -> Json:
+    """``T5EncoderModel`` config of T5-XXL (v1.1: gated GELU, no tied embeddings) from its shapes."""
+    bias = shapes["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+    d_model = shapes["shared.weight"][1]
+    heads = bias[1]
+    return {
+        "architectures": ["T5EncoderModel"],
+        "model_type": "t5",
+        "classifier_dropout": 0.0,
+        "d_ff": shapes["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"][0],
+        "d_kv": shapes["encoder.block.0.layer.0.SelfAttention.q.weight"][0] // heads,
+        "d_model": d_model,
+        "decoder_start_token_id": 0,
+        "dense_act_fn": "gelu_new",
+        "dropout_rate": 0.1,
+        "eos_token_id": 1,
+        "feed_forward_proj": "gated-gelu",
+        "initializer_factor": 1.0,
+        "is_encoder_decoder": True,
+        "is_gated_act": True,
+        "layer_norm_epsilon": 1e-6,
+        "num_decoder_layers": _count(shapes, r"^encoder\.block\.(\d+)\."),
+        "num_heads": heads,
+        "num_layers": _count(shapes, r"^encoder\.block\.(\d+)\."),
+        "pad_token_id": 0,
+        "relative_attention_max_distance": 128,
+        "relative_attention_num_buckets": bias[0],
+        "tie_word_embeddings": False,
+        "torch_dtype": {"F16": "float16", "BF16": "bfloat16"}.get(dtype, "float32"),
+        "vocab_size": shapes["shared.weight"][0],
+    }
+
+
+def sd3_model_index(present: set[str]) -> Json:
+    """``model_index.json`` of a ``StableDiffusion3Pipeline``; components not written are ``[null, null]``."""
+
+    def comp(name: str, lib: str, cls: str) -> list[str] | list[None]:
+        return [lib, cls] if name in present else list(_NONE)
+
+    return {
+        "_class_name": "StableDiffusion3Pipeline",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "feature_extractor": list(_NONE),
+        "image_encoder": list(_NONE),
+        "scheduler": comp("scheduler", "diffusers", "FlowMatchEulerDiscreteScheduler"),
+        "text_encoder": comp("text_encoder", "transformers", "CLIPTextModelWithProjection"),
+        "text_encoder_2": comp("text_encoder_2", "transformers", "CLIPTextModelWithProjection"),
+        "text_encoder_3": comp("text_encoder_3", "transformers", "T5EncoderModel"),
+        "tokenizer": list(_NONE),
+        "tokenizer_2": list(_NONE),
+        "tokenizer_3": list(_NONE),
+        "transformer": comp("transformer", "diffusers", "SD3Transformer2DModel"),
+        "vae": comp("vae", "diffusers", "AutoencoderKL"),
+    }
+
+
+def sd3_configs(shapes: Mapping[str, Shapes], dtypes: Mapping[str, str]) -> dict[str, Json]:
+    """Every config file of an SD3 / SD3.5 pipeline folder (the models present)."""
+    out: dict[str, Json] = {}
+    present = set(shapes)
+    if "transformer" in shapes:
+        out["transformer/config.json"] = sd3_transformer(shapes["transformer"])
+        # rectified flow with the released pipelines' timestep shift
+        out["scheduler/scheduler_config.json"] = {
+            "_class_name": "FlowMatchEulerDiscreteScheduler",
+            "_diffusers_version": DIFFUSERS_VERSION,
+            "num_train_timesteps": 1000,
+            "shift": 3.0,
+        }
+        present.add("scheduler")
+    if "vae" in shapes:
+        out["vae/config.json"] = vae(shapes["vae"], "sd3", None)
+    for sub, openclip in (("text_encoder", False), ("text_encoder_2", True)):
+        if sub in shapes:
+            out[f"{sub}/config.json"] = clip_text(
+                shapes[sub], openclip=openclip, projection_dim=None, dtype=dtypes.get(sub, "F32")
+            )
+    if "text_encoder_3" in shapes:
+        out["text_encoder_3/config.json"] = t5_encoder(
+            shapes["text_encoder_3"], dtypes.get("text_encoder_3", "F32")
+        )
+    out["model_index.json"] = sd3_model_index(present)
+    return out
+
+
 # ------------------------------------------------------------------------------------------ SD1/2, SDXL
 def unet(shapes: Shapes, family: str, variant: str | None) -> Json:
     """``UNet2DConditionModel`` config of SD1, SD2 or SDXL."""
@@ -145,8 +265,19 @@ def unet(shapes: Shapes, family: str, variant: str | None) -> Json:
 
 
 def vae(shapes: Shapes, family: str, variant: str | None) -> Json:
-    """``AutoencoderKL`` config of the SD/SDXL VAE."""
+    """``AutoencoderKL`` config of the SD/SDXL VAE, or of SD3's 16-channel VAE (no quant convs)."""
     n = _count(shapes, r"^encoder\.down_blocks\.(\d+)\.")
+    if family == "sd3":
+        sd3: Json = {
+            "sample_size": 1024,
+            "scaling_factor": 1.5305,
+            "shift_factor": 0.0609,
+            "force_upcast": True,
+            "use_quant_conv": "quant_conv.weight" in shapes,
+            "use_post_quant_conv": "post_quant_conv.weight" in shapes,
+        }
+    else:
+        sd3 = {}
     return {
         "_class_name": "AutoencoderKL",
         "_diffusers_version": DIFFUSERS_VERSION,
@@ -164,7 +295,7 @@ def vae(shapes: Shapes, family: str, variant: str | None) -> Json:
         "sample_size": {"sdxl": 1024}.get(family, 768 if variant == "sd2" else 512),
         "scaling_factor": 0.13025 if family == "sdxl" else 0.18215,
         "force_upcast": family == "sdxl",  # the SDXL VAE overflows in fp16
-    }
+    } | sd3
 
 
 def clip_text(shapes: Shapes, *, openclip: bool, projection_dim: int | None, dtype: str) -> Json:
@@ -277,6 +408,8 @@ def folder_configs(
         out["transformer/config.json"] = flux_transformer(shapes["transformer"])
     elif family == "zimage" and "transformer" in shapes:
         out["transformer/config.json"] = zimage_transformer(shapes["transformer"])
+    elif family == "sd3":
+        out.update(sd3_configs(shapes, dtypes))
     elif family in ("sd1", "sdxl"):
         present = set(shapes)
         if "unet" in shapes:

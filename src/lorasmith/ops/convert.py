@@ -9,7 +9,10 @@
   (``unet_dtype``/``te_dtype``/``vae_dtype``; components from the family's canonical inventory
   prefixes), streaming tensor by tensor through a planned writer;
 - a **pickle** (``.ckpt``, ``.pt``, ``.pth``, ``.bin``): read only through ``torch.load(weights_only=True)``
-  (:mod:`lorasmith.ops.pickles`), then written as safetensors like a checkpoint (or a LoRA).
+  (:mod:`lorasmith.ops.pickles`), then written as safetensors like a checkpoint (or a LoRA);
+- a **checkpoint** with ``to="diffusers"``, or a **diffusers folder** (its weights in one file, sharded or
+  ``.bin``) or one of its weights files / shard indexes with ``to="single"``: the layout is changed
+  (:mod:`lorasmith.ops.layouts`; FLUX.1, SD1/SD2, SDXL, SD3/SD3.5, Z-Image).
 
 Every output is written atomically with the input's metadata kept (stale hashes recomputed by the writer)
 and a ``lorasmith_convert`` record of what was done.
@@ -115,6 +118,16 @@ class ConvertResult(BaseModel):
     warnings: list[str] = Field(default_factory=list)
 
 
+def _is_regular_file(path: Path) -> bool:
+    """Whether ``path`` (links followed) is a regular file, without opening it."""
+    import stat
+
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def _is_pickle(path: Path) -> bool:
     return path.suffix.lower() in PICKLE_SUFFIXES
 
@@ -153,8 +166,12 @@ def convert(
     """
     prog = progress or noop
     src = Path(input)
-    if not src.is_file() and not src.is_dir():
-        raise InvalidFileError(f"{src}: no such file", hint="check the path")
+    if not src.is_dir() and not _is_regular_file(src):
+        from lorasmith.io.header import read_header
+
+        # the header reader's own path checks name the problem (no such file, broken link, link loop, not a
+        # regular file, a parent that is not a folder...); it never opens a pipe or a device
+        read_header(src)
     dtypes = {
         "all": parse_dtype(dtype),
         "unet": parse_dtype(unet_dtype, "--unet-dtype"),
@@ -218,6 +235,8 @@ def _is_checkpoint(src: Path) -> bool:
     from lorasmith.archs.base import lora_modules
     from lorasmith.io.header import read_header
 
+    if src.name.endswith(".safetensors.index.json"):
+        return True  # the shard index of one model of a diffusers folder
     return src.suffix == ".safetensors" and not lora_modules(read_header(src).tensors)
 
 
@@ -225,13 +244,12 @@ def _convert_layout(
     src: Path, output: Path, word: str, arch: str | None, overwrite: bool, progress: ProgressCallback
 ) -> ConvertResult:
     """Single file <-> diffusers folder through the family's layout map (:mod:`lorasmith.ops.layouts`)."""
-    from lorasmith.io.header import read_header
-    from lorasmith.ops.layouts import canonical_to_layout, layout_to_canonical, main_weights
+    from lorasmith.ops.layouts import canonical_to_layout, layout_to_canonical, main_header
     from lorasmith.registry import get_registry
 
     reg = get_registry()
-    weights = main_weights(src)
-    header = read_header(weights)
+    header = main_header(src)  # every shard's tensors together; .bin weights through the safe loader
+    weights = header.path
     det = reg.detect(header, arch=arch, source=str(weights))
     if det.kind == "lora":
         raise InvalidFileError(

@@ -21,7 +21,12 @@ weights' shapes (:mod:`lorasmith.ops._diffusers_configs`), plus ``model_index.js
 for whole pipelines. Canonical tensors that have no place in diffusers (the ldm schedule buffers, SD2's
 unused last text-encoder layer, ``logit_scale``) are kept verbatim in ``lorasmith_extras.safetensors`` at
 the folder root, which diffusers ignores and ``--to single`` reads back. The folder is built under a
-temporary name and renamed into place, so an interrupted run leaves nothing behind.
+temporary name and renamed into place (:class:`TempFolder`), so an interrupted run leaves nothing behind.
+
+A diffusers input is read model by model in whatever form ``save_pretrained`` left it: one safetensors
+file, safetensors shards with their index, or ``.bin`` pickles (through the safe loader), one tensor at a
+time (:mod:`lorasmith.ops._diffusers_weights`); :func:`main_header` lists every shard of the main model
+for detection.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import json
 import os
 import shutil
 import tempfile
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
@@ -44,6 +50,7 @@ if TYPE_CHECKING:
 
     from lorasmith.io.header import Header
     from lorasmith.io.reader import TensorFile
+    from lorasmith.ops._diffusers_weights import ModelWeights
     from lorasmith.ops.convert import ConvertResult
 
 __all__ = [
@@ -51,11 +58,14 @@ __all__ = [
     "LAYOUT_WORDS",
     "FolderPlan",
     "LayoutSource",
+    "TempFolder",
     "canonical_to_layout",
     "diffusers_inventory",
     "layout_parts",
     "layout_to_canonical",
+    "main_header",
     "main_weights",
+    "model_weights",
     "plan_folder",
 ]
 
@@ -81,7 +91,7 @@ def diffusers_inventory(arch: Architecture, variant: str | None) -> Inventory:
             return inv
     raise NotAvailableError(
         f"family {arch.id!r} has no diffusers layout",
-        hint="layouts convert for FLUX.1, SD1/SD2, SDXL and Z-Image",
+        hint="layouts convert for FLUX.1, SD1/SD2, SDXL, SD3/SD3.5 and Z-Image",
     )
 
 
@@ -101,21 +111,62 @@ def weights_file_name(sub: str) -> str:
     return TRANSFORMERS_WEIGHTS_NAME if sub.startswith("text_encoder") else WEIGHTS_NAME
 
 
-def main_weights(src: Path) -> Path:
-    """The file that tells a checkpoint's family: ``src`` itself, or a folder's transformer/UNet weights.
+def model_weights(folder: Path) -> ModelWeights | None:
+    """The weights of the model in ``folder`` (one file, shards or pickles; see
+    :mod:`lorasmith.ops._diffusers_weights`), opened; ``None`` when the folder has none."""
+    from lorasmith.ops._diffusers_weights import find_weights, open_weights
 
-    :raises InvalidFileError: a folder without ``transformer/`` or ``unet/`` safetensors weights.
+    found = find_weights(folder)
+    return None if found is None else open_weights(*found)
+
+
+def _main_folder(src: Path) -> Path:
+    for sub in MAIN_SUBFOLDERS:
+        if (src / sub).is_dir():
+            from lorasmith.ops._diffusers_weights import find_weights
+
+            if find_weights(src / sub) is not None:
+                return src / sub
+    raise InvalidFileError(
+        f"{src}: no transformer/ or unet/ weights in this folder",
+        hint="give a diffusers folder (safetensors, sharded safetensors or .bin weights)",
+    )
+
+
+def main_weights(src: Path) -> Path:
+    """The file that names a checkpoint: ``src`` itself, or a folder's transformer/UNet weights file (or
+    shard index). Read its tensors with :func:`main_header`, which also reads shards and pickles.
+
+    :raises InvalidFileError: a folder without ``transformer/`` or ``unet/`` weights.
     """
     if not src.is_dir():
         return src
-    for sub in MAIN_SUBFOLDERS:
-        p = src / sub / WEIGHTS_NAME
-        if p.is_file():
-            return p
-    raise InvalidFileError(
-        f"{src}: no transformer/{WEIGHTS_NAME} or unet/{WEIGHTS_NAME} in this folder",
-        hint="give a diffusers folder with unsharded safetensors weights",
-    )
+    from lorasmith.ops._diffusers_weights import find_weights
+
+    found = find_weights(_main_folder(src))
+    assert found is not None
+    return found[0]
+
+
+def main_header(src: Path) -> Header:
+    """The header that tells a checkpoint's family: ``src``'s own, or that of a folder's transformer/UNet
+    weights (every shard's tensors together; pickles are read through the safe loader).
+
+    :raises InvalidFileError: a folder without ``transformer/`` or ``unet/`` weights, or unreadable weights.
+    """
+    from lorasmith.io.header import read_header
+
+    if src.is_dir():
+        weights = model_weights(_main_folder(src))
+        assert weights is not None
+        with weights:
+            return weights.header
+    if src.name.endswith(".index.json"):
+        from lorasmith.ops._diffusers_weights import open_weights
+
+        with open_weights(src) as w:
+            return w.header
+    return read_header(src)
 
 
 # ------------------------------------------------------------------------------------------ transforms
@@ -196,16 +247,19 @@ class LayoutSource:
     """A checkpoint in a family's diffusers layout (a folder or one weights file), read under canonical keys.
 
     Fused canonical tensors are assembled from their parts on :meth:`get`, transforms undone; tensors of
-    ``lorasmith_extras.safetensors`` are read as they are. Use as a context manager.
+    ``lorasmith_extras.safetensors`` are read as they are. Each model's weights may be one safetensors
+    file, safetensors shards with an index, or ``.bin`` pickles (read safely); tensors are read one at a
+    time (:mod:`lorasmith.ops._diffusers_weights`). Use as a context manager.
 
     :ivar keys: canonical keys available, in the canonical inventory's order.
     :ivar specs: canonical key -> ``(safetensors dtype, canonical shape)``.
-    :ivar files: subfolder -> weights file read.
+    :ivar files: subfolder -> what names its weights (the weights file, or the shard index).
     :raises InvalidFileError: a tensor the map does not know, or a fused tensor with only some parts.
     """
 
     def __init__(self, src: Path, arch: Architecture, inv: Inventory) -> None:
         from lorasmith.io.header import read_header
+        from lorasmith.ops._diffusers_weights import open_weights
 
         self.src = src
         self.mapping = arch.layout_map(inv.id)
@@ -214,34 +268,52 @@ class LayoutSource:
         subs = {default} | {
             split_layout_key(p, default)[0] for e in self.mapping.values() for p, _ in e.parts
         }
-        self.files: dict[str, Path] = {}
+        self.models: dict[str, ModelWeights] = {}
         extras: Path | None = None
-        if src.is_dir():
-            for sub in sorted(subs):
-                p = src / sub / weights_file_name(sub)
-                if p.is_file():
-                    self.files[sub] = p
-            extras = src / EXTRAS_NAME if (src / EXTRAS_NAME).is_file() else None
-        else:
-            self.files[default] = src
-        if not self.files:
+        try:
+            if src.is_dir():
+                for sub in sorted(subs):
+                    weights = model_weights(src / sub)
+                    if weights is not None:
+                        self.models[sub] = weights
+                extras = src / EXTRAS_NAME if (src / EXTRAS_NAME).is_file() else None
+            else:
+                self.models[default] = open_weights(src)
+            self._index(src, arch)
+            self._extras: Header | None = read_header(extras) if extras is not None else None
+        except BaseException:
+            self.close()
+            raise
+        if self._extras is not None:
+            for k, info in self._extras.tensors.items():
+                self.specs.setdefault(k, (info.dtype, tuple(info.shape)))
+        order = arch.canonical_inventory(inv.variant).tensors
+        self.keys: list[str] = [k for k in order if k in self.specs] + [
+            k for k in self.specs if k not in order
+        ]
+        self._extras_file: TensorFile | None = None
+        self._last = ""
+
+    def _index(self, src: Path, arch: Architecture) -> None:
+        """Fill :attr:`specs` from the models' tensors; every tensor must belong to a mapped key."""
+        if not self.models:
             raise InvalidFileError(
                 f"{src}: no weights of a {arch.name} diffusers folder", hint="check the folder"
             )
-        self.headers: dict[str, Header] = {sub: read_header(p) for sub, p in self.files.items()}
+        self.files: dict[str, Path] = {sub: w.path for sub, w in self.models.items()}
         self.specs: dict[str, tuple[str, tuple[int, ...]]] = {}
         self._entries: dict[str, LayoutEntry] = {}
-        used: dict[str, set[str]] = {sub: set() for sub in self.files}
+        used: dict[str, set[str]] = {sub: set() for sub in self.models}
         for key, entry in self.mapping.items():
-            names = [split_layout_key(p, default) for p, _ in entry.parts]
-            have = [sub in self.headers and n in self.headers[sub].tensors for sub, n in names]
+            names = [split_layout_key(p, self._default) for p, _ in entry.parts]
+            have = [sub in self.models and n in self.models[sub].tensors for sub, n in names]
             if not all(have):
                 if any(have):
                     raise InvalidFileError(
                         f"{src}: only some parts of {key!r} are present", hint="the checkpoint is incomplete"
                     )
                 continue
-            infos = [self.headers[sub].tensors[n] for sub, n in names]
+            infos = [self.models[sub].tensors[n] for sub, n in names]
             if len({i.dtype for i in infos}) > 1:
                 raise InvalidFileError(f"{src}: the parts of {key!r} have different dtypes")
             shape = list(infos[0].shape)
@@ -251,44 +323,48 @@ class LayoutSource:
             self._entries[key] = entry
             for sub, n in names:
                 used[sub].add(n)
-        for sub, h in self.headers.items():
-            extra = sorted(set(h.tensors) - used[sub])
+        for sub, w in self.models.items():
+            extra = sorted(set(w.tensors) - used[sub])
             if extra:
                 raise InvalidFileError(
-                    f"{self.files[sub]}: {len(extra)} tensor(s) are not {arch.name} diffusers keys, "
-                    f"e.g. {extra[0]!r}",
+                    f"{w.path}: {len(extra)} tensor(s) are not {arch.name} diffusers keys, e.g. {extra[0]!r}",
                     hint="give a diffusers checkpoint of this family",
                 )
-        self._extras: Header | None = read_header(extras) if extras is not None else None
-        if self._extras is not None:
-            for k, info in self._extras.tensors.items():
-                self.specs.setdefault(k, (info.dtype, tuple(info.shape)))
-        order = arch.canonical_inventory(inv.variant).tensors
-        self.keys: list[str] = [k for k in order if k in self.specs] + [
-            k for k in self.specs if k not in order
-        ]
-        self._open: dict[str, TensorFile] = {}
 
     @property
     def metadata(self) -> dict[str, str]:
         """The metadata of the main weights file."""
-        h = self.headers.get(self._default) or next(iter(self.headers.values()))
-        return dict(h.metadata)
+        w = self.models.get(self._default) or next(iter(self.models.values()))
+        return dict(w.metadata)
 
     @property
     def paths(self) -> list[Path]:
-        """Every file read (weights and the extras file)."""
-        out = list(self.files.values())
+        """Every file read (weights, shard indexes and shards, and the extras file)."""
+        out = [p for w in self.models.values() for p in w.files]
         if self._extras is not None:
             out.append(self._extras.path)
         return out
 
-    def _file(self, sub: str, path: Path) -> TensorFile:
-        from lorasmith.io.reader import open_tensors
+    def read_order(self) -> list[str]:
+        """:attr:`keys` in storage order: model by model, shard by shard (each shard is then read once).
 
-        if sub not in self._open:
-            self._open[sub] = open_tensors(path)
-        return self._open[sub]
+        Extras come last. A writer with a plan may write in any order, so this changes nothing in its
+        output; it only spares re-reading shards (pickle shards above all, which are loaded whole).
+        """
+        position: dict[str, tuple[int, int]] = {}
+        for m, (sub, w) in enumerate(self.models.items()):
+            for i, name in enumerate(w.order()):
+                position[f"{sub}/{name}"] = (m, i)
+        last = (len(self.models), 0)
+
+        def where(key: str) -> tuple[int, int]:
+            entry = self._entries.get(key)
+            if entry is None:
+                return last
+            sub, name = split_layout_key(entry.parts[0][0], self._default)
+            return position[f"{sub}/{name}"]
+
+        return sorted(self.keys, key=where)  # stable: the extras keep their order
 
     def get(self, key: str) -> torch.Tensor:
         """The canonical tensor ``key`` (its stored dtype, CPU)."""
@@ -297,19 +373,31 @@ class LayoutSource:
         entry = self._entries.get(key)
         if entry is None:
             assert self._extras is not None
-            return self._file(EXTRAS_NAME, self._extras.path).get(key)
+            if self._extras_file is None:
+                from lorasmith.io.reader import open_tensors
+
+                self._extras_file = open_tensors(self._extras.path)
+            return self._extras_file.get(key)
         parts = []
         for p, _ in entry.parts:
             sub, name = split_layout_key(p, self._default)
-            parts.append(self._file(sub, self.files[sub]).get(name))
+            if sub != self._last:
+                # one pickle shard held in the whole folder: moving to another model releases the last one's
+                if self._last in self.models:
+                    self.models[self._last].release()
+                self._last = sub
+            parts.append(self.models[sub].get(name))
         t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=entry.dim)
         return to_canonical(t, entry).contiguous()
 
     def close(self) -> None:
         """Close every open file."""
-        for tf in self._open.values():
-            tf.close()
-        self._open.clear()
+        for w in self.models.values():
+            w.close()
+        extras = getattr(self, "_extras_file", None)
+        if extras is not None:
+            extras.close()
+            self._extras_file = None
 
     def __enter__(self) -> LayoutSource:
         return self
@@ -346,16 +434,88 @@ def _check_folder_output(output: Path, overwrite: bool, src: Path) -> None:
         )
 
 
-def _commit_folder(tmp: Path, output: Path) -> None:
-    """Move the finished folder ``tmp`` to ``output``, replacing an existing folder as a whole."""
-    if not output.exists():
-        os.rename(tmp, output)
-        return
-    old = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".old"))
-    os.rmdir(old)
-    os.rename(output, old)
-    os.rename(tmp, output)
-    shutil.rmtree(old, ignore_errors=True)
+class TempFolder:
+    """A hidden temporary folder next to ``output`` that becomes ``output`` on :meth:`commit`, or vanishes.
+
+    The folder counterpart of the single-file writer's temporary file. Creating it and recording it for
+    clean-up, and the renames of :meth:`commit`, run with SIGINT/SIGTERM held back (they are acted on right
+    after), so an interrupt never leaves a folder nobody removes. Leaving the ``with`` block by an
+    exception (an error, ``KeyboardInterrupt``, the CLI's SIGTERM) removes it; so does garbage collection or
+    interpreter exit of an uncommitted folder. An existing ``output`` is replaced as a whole on commit and
+    is put back if the new folder cannot be moved into place.
+
+    :ivar path: the temporary folder (``.<output name>.<random>.tmp``).
+    """
+
+    def __init__(self, output: Path) -> None:
+        from lorasmith.io.writer import _signals_deferred
+
+        self.output = output
+        self._committed = False
+        with _signals_deferred():  # an interrupt between creating and recording would leak the folder
+            try:
+                made = tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
+            except OSError as exc:
+                raise InvalidFileError(
+                    f"{output.parent}: cannot create a folder in the output folder ({exc.strerror or exc})",
+                    hint="choose another folder or fix its permissions",
+                ) from exc
+            self.path = Path(made)
+            self._finalizer = weakref.finalize(self, shutil.rmtree, made, True)
+        # mkdtemp makes the folder private (0700); the output gets the mode any new folder gets (umask)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(self.path, 0o777 & ~mask)
+
+    def discard(self) -> None:
+        """Remove the temporary folder (idempotent; nothing happens after a commit)."""
+        if not self._committed:
+            shutil.rmtree(self.path, ignore_errors=True)
+        self._finalizer.detach()
+
+    def commit(self) -> None:
+        """Move the finished folder to ``output``, replacing an existing folder as a whole.
+
+        :raises InvalidFileError: the folder cannot be moved into place (an existing output is kept).
+        """
+        from lorasmith.io.writer import _signals_deferred
+
+        old: Path | None = None
+        with _signals_deferred():
+            try:
+                if self.output.exists():
+                    old = Path(
+                        tempfile.mkdtemp(
+                            dir=self.output.parent, prefix=f".{self.output.name}.", suffix=".old"
+                        )
+                    )
+                    os.rmdir(old)
+                    os.rename(self.output, old)
+                    try:
+                        os.rename(self.path, self.output)
+                    except BaseException:
+                        os.rename(old, self.output)  # the previous output goes back where it was
+                        old = None
+                        raise
+                else:
+                    os.rename(self.path, self.output)
+            except OSError as exc:
+                raise InvalidFileError(
+                    f"{self.output}: cannot move the finished folder into place ({exc.strerror or exc})",
+                    hint="check the folder's permissions",
+                ) from exc
+            self._committed = True
+            self._finalizer.detach()
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def __enter__(self) -> TempFolder:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.discard()
 
 
 class FolderPlan(NamedTuple):
@@ -425,7 +585,9 @@ def canonical_to_layout(
     mapping = arch.layout_map(inv.id)
     default = default_subfolder(inv)
     header = read_header(src)
-    known = arch.canonical_inventory(variant).tensors
+    # a key of any variant's single file is known (an SD3.5 file with SD3 Medium's text encoders); those
+    # without a place in the layout are kept in the extras file
+    known = {k for i in arch.inventories() if i.canonical for k in i.tensors}
     unknown = [k for k in header.tensors if k not in mapping and k not in known]
     if unknown:
         raise InvalidFileError(
@@ -437,59 +599,64 @@ def canonical_to_layout(
     plans, order, extras = plan_folder(arch, mapping, default, specs)
     record = json.dumps({"layout": inv.layout}, separators=(",", ":"))
     main_meta = {**header.metadata, RECORD_KEY: record}
-    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"))
     total = len(header.tensors)
     done = 0
     file_bytes = 0
     main_hash: str | None = None
-    try:
-        with open_tensors(src) as tf:
-            for sub, plan in plans.items():
-                (tmp / sub).mkdir()
-                meta = main_meta if sub == default else {RECORD_KEY: record}
-                target = tmp / sub / weights_file_name(sub)
-                with SafetensorsWriter(target, metadata=meta, plan=plan) as w:
-                    for key in order[sub]:
-                        entry = mapping[key]
-                        t = to_layout(tf.get(key), entry)
-                        start = 0
-                        for part, rows in layout_parts(entry, t.shape[entry.dim]):
-                            w.write(
-                                split_layout_key(part, default)[1],
-                                t.narrow(entry.dim, start, rows).contiguous(),
-                            )
-                            start += rows
-                        done += 1
-                        progress(ProgressEvent("writing", done, total, key))
-                    written = w.close()
-                file_bytes += written.file_bytes
-                if sub == default:
-                    main_hash = written.sshs_model_hash
-            if extras:
-                plan = {k: (header.tensors[k].dtype, tuple(header.tensors[k].shape)) for k in extras}
-                with SafetensorsWriter(tmp / EXTRAS_NAME, metadata={RECORD_KEY: record}, plan=plan) as w:
-                    for key in extras:
-                        w.write(key, tf.get(key))
-                        done += 1
-                        progress(ProgressEvent("writing", done, total, key))
-                    file_bytes += w.close().file_bytes
+    # built under a hidden name and renamed into place; any exit before that removes it (TempFolder)
+    with TempFolder(output) as folder, open_tensors(src) as tf:
+        tmp = folder.path
+        for sub, plan in plans.items():
+            (tmp / sub).mkdir()
+            meta = main_meta if sub == default else {RECORD_KEY: record}
+            target = tmp / sub / weights_file_name(sub)
+            with SafetensorsWriter(target, metadata=meta, plan=plan) as w:
+                for key in order[sub]:
+                    entry = mapping[key]
+                    t = to_layout(tf.get(key), entry)
+                    start = 0
+                    for part, rows in layout_parts(entry, t.shape[entry.dim]):
+                        w.write(
+                            split_layout_key(part, default)[1],
+                            t.narrow(entry.dim, start, rows).contiguous(),
+                        )
+                        start += rows
+                    done += 1
+                    progress(ProgressEvent("writing", done, total, key))
+                written = w.close()
+            file_bytes += written.file_bytes
+            if sub == default:
+                main_hash = written.sshs_model_hash
+        if extras:
+            plan = {k: (header.tensors[k].dtype, tuple(header.tensors[k].shape)) for k in extras}
+            with SafetensorsWriter(tmp / EXTRAS_NAME, metadata={RECORD_KEY: record}, plan=plan) as w:
+                for key in extras:
+                    w.write(key, tf.get(key))
+                    done += 1
+                    progress(ProgressEvent("writing", done, total, key))
+                file_bytes += w.close().file_bytes
         shapes = {sub: {k: s for k, (_, s) in plan.items()} for sub, plan in plans.items()}
         dtypes = {sub: next(iter(plan.values()))[0] for sub, plan in plans.items() if plan}
         for rel, cfg in folder_configs(arch.id, variant, shapes, dtypes).items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             _write_json(tmp / rel, cfg)
-        _commit_folder(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        folder.commit()
     warnings = []
     if extras:
         warnings.append(
             f"{len(extras)} tensor(s) have no place in diffusers (e.g. {extras[0]}); kept in {EXTRAS_NAME}, "
             "which diffusers ignores and --to single restores"
         )
-    if arch.id in ("sd1", "sdxl"):
+    if arch.id in ("sd1", "sdxl", "sd3"):
         warnings.append("no tokenizer folders written: pass tokenizer= to from_pretrained or copy them")
+    if arch.id == "sd3":
+        absent = [s for s in ("text_encoder", "text_encoder_2", "text_encoder_3") if s not in plans]
+        if absent:
+            # SD3.5 files ship without text encoders; SD3 Medium's come with CLIPs only, or with T5 too
+            warnings.append(
+                f"the file has no {'/'.join(absent)} (listed as [null, null] in model_index.json): pass "
+                "them to from_pretrained, or text_encoder_3=None, tokenizer_3=None to run without T5"
+            )
     return ConvertResult(
         kind="checkpoint",
         input=str(src),
@@ -534,7 +701,8 @@ def layout_to_canonical(
         with SafetensorsWriter(
             output, metadata=meta, overwrite=overwrite, inputs=source.paths, plan=plan
         ) as w:
-            for i, key in enumerate(source.keys):
+            # storage order: each shard is read once; the plan fixes the output's layout whatever the order
+            for i, key in enumerate(source.read_order()):
                 w.write(key, source.get(key))
                 progress(ProgressEvent("writing", i + 1, len(source.keys), key))
             written = w.close()
