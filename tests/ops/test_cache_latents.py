@@ -93,6 +93,10 @@ def test_musubi_buckets() -> None:
     resos = BucketRules((1024, 1024), True, bucket_reso_steps=16, style="musubi").resolutions()
     assert (1024, 1024) in resos and all(w % 16 == 0 and h % 16 == 0 for w, h in resos)
     assert min(min(r) for r in resos) == 512
+    # musubi-tuner goes by aspect ratio alone (first on ties); sd-scripts keeps an exact-size bucket
+    same_ratio = [(64, 32), (128, 64)]
+    assert place((128, 64), same_ratio).bucket == (128, 64)
+    assert place((128, 64), same_ratio, keep_exact=False).bucket == (64, 32)
 
 
 # ----------------------------------------------------------------------------------------- the VAE
@@ -217,16 +221,46 @@ def test_zimage_musubi_safetensors(tmp_path: Path, flux_vae: AutoencoderKL) -> N
     vae_file = _write_ckpt(tmp_path / "ae.safetensors", flux_vae, "")
     data = tmp_path / "data"
     _images(data, {"z.png": (64, 48)})
-    r = cache_latents(vae_file, dataset=data, arch="zimage", resolution=64, latent_dist="mean")
+    # no --latent-dist: musubi-tuner stores the posterior mode (the mean), unscaled
+    r = cache_latents(vae_file, dataset=data, arch="zimage", resolution=64)
     assert r.cache_format == "musubi-tuner safetensors" and r.written == 1
+    assert (r.latent_dist, r.stores_scaled, r.scaling_factor, r.shift_factor) == (
+        "mean",
+        False,
+        0.3611,
+        0.1159,
+    )
+    assert r.items[0].bucket is not None
+    bw, bh = r.items[0].bucket
     out = data / "z_0064x0048_zi.safetensors"
     with safe_open(str(out), "pt") as f:
-        assert list(f.keys()) == [
-            f"latents_1x{r.items[0].bucket[1] // 8}x{r.items[0].bucket[0] // 8}_float32"
-        ]
+        assert list(f.keys()) == [f"latents_1x{bh // 8}x{bw // 8}_float32"]
+        lat = f.get_tensor(f"latents_1x{bh // 8}x{bw // 8}_float32")
         meta = f.metadata()
     assert meta == {"architecture": "z_image", "width": "64", "height": "48", "format_version": "1.0.1"}
+    assert lat.dtype == torch.float32 and tuple(lat.shape) == (16, bh // 8, bw // 8)
+    # the trainer applies (z - 0.1159) * 0.3611 itself, so the cache holds the VAE's own mean
+    pixels, _ = prepare_image(data / "z.png", place((64, 48), [(bw, bh)]), False)
+    torch.testing.assert_close(lat, _direct(flux_vae, pixels), rtol=1e-5, atol=1e-5)
     assert cache_latents(vae_file, dataset=data, arch="zimage", resolution=64).skipped == 1
+    # musubi-tuner's Z-Image cache has no flipped latents or alpha masks
+    with pytest.raises(UsageError, match="flip"):
+        cache_latents(vae_file, dataset=data, arch="zimage", resolution=64, flip=True)
+    res = runner.invoke(
+        app,
+        [
+            "cache",
+            "latents",
+            "--model",
+            str(vae_file),
+            "--arch",
+            "zimage",
+            "--dataset",
+            str(data),
+            "--alpha-mask",
+        ],
+    )
+    assert res.exit_code == 2 and "alpha" in res.output and "Traceback" not in res.output
 
 
 # ----------------------------------------------------------------------------------- errors and the CLI

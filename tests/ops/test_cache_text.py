@@ -418,7 +418,7 @@ def test_missing_encoder_and_unsupported_families(tmp_path: Path, toks: dict[str
     res = runner.invoke(app, [*base, "--arch", "flux"])
     assert res.exit_code == 2 and "no clip_l given" in res.output and "--text-encoder" in res.output
     res = runner.invoke(app, [*base, "--arch", "zimage"])
-    assert res.exit_code == 1 and "not available yet" in res.output
+    assert res.exit_code == 2 and "no Qwen3 text encoder given" in res.output
     res = runner.invoke(app, [*base, "--arch", "sd1"])
     assert res.exit_code == 2 and "no text-encoder cache format" in res.output
     res = runner.invoke(app, ["cache", "text", "--dataset", str(data)])

@@ -81,8 +81,13 @@ def latents(
         bool, typer.Option("--skip-existing/--no-skip-existing", help="Leave valid caches as they are.")
     ] = True,
     latent_dist: Annotated[
-        str, typer.Option("--latent-dist", help="sample (as the trainers) or mean of the VAE posterior.")
-    ] = "sample",
+        str | None,
+        typer.Option(
+            "--latent-dist",
+            help="sample or mean of the VAE posterior (default: as the family's trainer: sample for "
+            "sd-scripts, mean for Z-Image).",
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the latent sampling noise.")] = 0,
     dtype: Annotated[
         str, typer.Option("--dtype", help="VAE compute dtype: float32, float16, bfloat16.")
@@ -93,7 +98,7 @@ def latents(
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """VAE-encode training images into .npz caches next to them, named as sd-scripts expects.
+    """VAE-encode training images into caches next to them, as sd-scripts / musubi-tuner name them.
 
     Exit code 1 when some images failed (each is listed); the others are cached.
     """
@@ -224,13 +229,16 @@ def text(
         list[Path] | None,
         typer.Option(
             "--text-encoder",
-            help="Text encoder file (clip_l, clip_g, t5xxl; repeatable).",
+            help="Text encoder file (clip_l, clip_g, t5xxl; Z-Image: qwen_3_4b or its shards; repeatable).",
             dir_okay=False,
             metavar="FILE",
         ),
     ] = None,
     tokenizer: Annotated[
-        Path | None, typer.Option("--tokenizer", help="Local tokenizer folder of the first encoder (CLIP-L).")
+        Path | None,
+        typer.Option(
+            "--tokenizer", help="Local tokenizer folder of the first encoder (CLIP-L; Z-Image: Qwen3)."
+        ),
     ] = None,
     tokenizer2: Annotated[
         Path | None,
@@ -268,7 +276,7 @@ def text(
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Encode training captions into text-encoder .npz caches next to the images (SDXL, FLUX, SD3).
+    """Encode training captions into text-encoder caches next to the images (SDXL, FLUX, SD3, Z-Image).
 
     Exit code 1 when some images failed (each is listed); the others are cached.
     """

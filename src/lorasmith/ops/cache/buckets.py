@@ -10,7 +10,8 @@ Two rule sets, because the two trainer families differ:
   aspect ratio (first one on ties, list sorted). Without bucketing the only bucket is ``resolution``.
 - **musubi-tuner** (Z-Image): buckets of area ``W*H`` in steps of 16, widths from
   ``floor((sqrt(W*H) // 2) / 16) * 16`` up to ``sqrt(W*H)``, each with height ``floor(W*H / width)``
-  rounded down to the step; nearest aspect ratio wins.
+  rounded down to the step; nearest aspect ratio wins (first on ties), even for an image whose size is a
+  bucket (musubi-tuner has no exact-size rule).
 
 In both, the image is scaled so that it covers the bucket (``int(side * scale + 0.5)``) and centre-cropped.
 ``crop_ltrb`` is what sd-scripts stores: where the scaled image (fitted *inside* the bucket, Stability AI's
@@ -120,11 +121,15 @@ def crop_ltrb(bucket: Size, image_size: Size) -> tuple[float, float, float, floa
     return (left, top, left + rw, top + rh)
 
 
-def place(image_size: Size, resolutions: list[Size]) -> Placement:
-    """The bucket, resize size and crop box of an image of ``image_size`` (``(W, H)``)."""
+def place(image_size: Size, resolutions: list[Size], keep_exact: bool = True) -> Placement:
+    """The bucket, resize size and crop box of an image of ``image_size`` (``(W, H)``).
+
+    :param keep_exact: an image whose size is a bucket keeps it (sd-scripts); musubi-tuner goes by aspect
+        ratio alone, which can pick an earlier bucket of the same ratio.
+    """
     w, h = image_size
     ar = w / h
-    if image_size in resolutions:
+    if keep_exact and image_size in resolutions:
         bucket = image_size
     else:
         # nearest aspect ratio; ``min`` keeps the first on ties, as numpy's argmin does

@@ -6,14 +6,16 @@
 | sdxl | ``<s>_sdxl.npz`` | same | raw VAE sample |
 | flux | ``<s>_flux.npz`` | same, each suffixed ``_{h}x{w}`` | ``0.3611 * (z - 0.1159)`` |
 | sd3 | ``<s>_sd3.npz`` | same, each suffixed ``_{h}x{w}`` | raw VAE sample |
-| zimage | ``<s>_zi.safetensors`` | ``latents_1x{h}x{w}_float32`` | ``0.3611 * (z - 0.1159)`` |
+| zimage | ``<s>_zi.safetensors`` | ``latents_1x{h}x{w}_float32`` | raw VAE mean |
 
 ``W x H`` is the *original* image size; ``h x w`` the latent size. sd-scripts applies the SD/SDXL scale
 (0.18215 / 0.13025) and the SD3 scale and shift (1.5305, 0.0609) at training time, so those caches hold
-the unscaled sample; its FLUX autoencoder scales and shifts inside ``encode``, so FLUX caches hold the
-scaled value. Z-Image caches are musubi-tuner's safetensors format (metadata ``architecture=z_image``,
-``width``, ``height``, ``format_version=1.0.1``); its autoencoder is FLUX's and is taken to scale the
-same way.
+the unscaled sample; its FLUX autoencoder (BFL's ``AutoEncoder.encode``) scales and shifts inside
+``encode``, so FLUX caches hold the scaled value. Z-Image caches are musubi-tuner's safetensors format
+(``zimage_cache_latents.py``: metadata ``architecture=z_image``, ``width``, ``height``,
+``format_version=1.0.1``); its Z-Image autoencoder's ``encode`` returns the plain posterior, the cache
+script stores its ``mode()`` (the mean) and the trainer applies ``(z - 0.1159) * 0.3611`` when it loads
+the latents (``scale_shift_latents``), so Z-Image caches hold the unscaled mean.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ class LatentFamily:
     :ivar musubi: musubi-tuner safetensors format (else sd-scripts ``.npz``).
     :ivar default_resolution: the training resolution used when none is given.
     :ivar default_steps: the default bucket step.
+    :ivar default_dist: what the trainer's own cache script stores: ``sample`` (sd-scripts draws from the
+        posterior) or ``mean`` (musubi-tuner takes its mode).
     """
 
     arch: str
@@ -51,6 +55,7 @@ class LatentFamily:
     musubi: bool = False
     default_resolution: int = 512
     default_steps: int = 64
+    default_dist: str = "sample"
 
 
 FAMILIES: dict[str, LatentFamily] = {
@@ -59,8 +64,9 @@ FAMILIES: dict[str, LatentFamily] = {
     "sdxl": LatentFamily("sdxl", "_sdxl.npz", False, 0.13025, 0.0, False, 4, default_resolution=1024),
     "flux": LatentFamily("flux", "_flux.npz", True, 0.3611, 0.1159, True, 16, default_resolution=1024),
     "sd3": LatentFamily("sd3", "_sd3.npz", True, 1.5305, 0.0609, False, 16, default_resolution=1024),
+    # musubi-tuner stores the unscaled posterior mode; its trainer scales and shifts on load
     "zimage": LatentFamily(
-        "zimage", "_zi.safetensors", False, 0.3611, 0.1159, True, 16, True, 1024, default_steps=16
+        "zimage", "_zi.safetensors", False, 0.3611, 0.1159, False, 16, True, 1024, 16, "mean"
     ),
 }
 

@@ -10,9 +10,11 @@ Image preparation follows sd-scripts: RGB (RGBA with ``alpha_mask``), scaled to 
 mapped to ``[-1, 1]``. ``latents_flipped`` is the latent of the horizontally flipped crop; ``alpha_mask``
 is the crop's alpha channel in ``[0, 1]`` (``1`` where the image has none), float32 ``(H, W)``.
 
-Latents are float32 ``(C, h, w)``. ``latent_dist="sample"`` (the trainers' choice) draws
-``mean + std * noise`` with noise from a generator seeded by ``seed`` and the image's file name, so a
-result does not depend on batching or on which images were already cached; ``"mean"`` stores the mean.
+Latents are float32 ``(C, h, w)``. ``latent_dist="sample"`` (sd-scripts' choice, the default for its
+families) draws ``mean + std * noise`` with noise from a generator seeded by ``seed`` and the image's file
+name, so a result does not depend on batching or on which images were already cached; ``"mean"`` stores
+the mean (musubi-tuner's choice, the default for Z-Image). musubi-tuner's Z-Image cache has no flipped
+latents and no alpha mask, so ``flip`` / ``alpha_mask`` are refused for it.
 
 A cache is *valid* when it loads and holds the keys this run would write with the expected latent shape
 (and, for the multi-resolution families, under this resolution's key suffix). Valid caches are skipped
@@ -319,6 +321,12 @@ def _plan(
     jobs: list[_Job] = []
     for group in groups:
         s = group.settings
+        if family.musubi and (s.flip or s.alpha_mask):
+            what = "--flip (flip_aug)" if s.flip else "--alpha-mask (alpha_mask)"
+            raise UsageError(
+                f"{family.arch}: {what} has no place in musubi-tuner's latent cache",
+                hint="drop it: musubi-tuner caches neither flipped latents nor alpha masks",
+            )
         rules = BucketRules(
             s.resolution,
             s.enable_bucket,
@@ -334,7 +342,7 @@ def _plan(
             except LorasmithError as exc:
                 items.append(CacheItem(image=str(image), status="failed", error=exc.message))
                 continue
-            placement = place(size, resos)
+            placement = place(size, resos, keep_exact=not family.musubi)
             target = cache_path(image, size, family, group.cache_dir)
             item = CacheItem(image=str(image), cache=str(target), status="written", bucket=placement.bucket)
             items.append(item)
@@ -390,7 +398,8 @@ def _encode(
             z = mean + std * noise
     z = torch.as_tensor(z)
     if family.stores_scaled:
-        # the FLUX autoencoder returns scale * (z - shift) from encode; its caches hold that value
+        # BFL's FLUX autoencoder returns scale * (z - shift) from encode and sd-scripts caches that value;
+        # the other families' trainers scale (and shift) when they load the cache, so theirs stay raw
         z = family.scaling_factor * (z - family.shift_factor)
     return z
 
@@ -414,7 +423,7 @@ def cache_latents(
     overwrite: bool = False,
     device: str = "cpu",
     dtype: str = "float32",
-    latent_dist: LatentDist = "sample",
+    latent_dist: LatentDist | None = None,
     seed: int = 0,
     progress: ProgressCallback = noop,
 ) -> LatentsCacheResult:
@@ -426,19 +435,22 @@ def cache_latents(
     :param resolution: ``W`` or ``(W, H)``; the family's training resolution when omitted.
     :param bucket_reso_steps: bucket step; 64 (sd-scripts) or 16 (musubi-tuner) when omitted.
     :param dtype: the VAE's compute dtype; latents are saved as float32 whatever it is.
-    :raises UsageError: bad option values.
+    :param latent_dist: ``sample`` or ``mean``; what the family's trainer stores when omitted (``sample``
+        for sd-scripts, ``mean`` for musubi-tuner's Z-Image).
+    :raises UsageError: bad option values (also ``flip`` / ``alpha_mask`` for Z-Image).
     :raises NotAvailableError: the ``cache`` extra is not installed.
     :raises InvalidFileError: unreadable model, dataset folder or config.
     """
     require_extra("diffusers", "PIL")
     if dtype not in _DTYPES:
         raise UsageError(f"--dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
-    if latent_dist not in ("sample", "mean"):
+    if latent_dist not in (None, "sample", "mean"):
         raise UsageError(f"--latent-dist {latent_dist!r} is not sample or mean")
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     model_path = Path(model)
     family = _resolve_family(model_path, arch)
+    dist = latent_dist or family.default_dist
     steps = bucket_reso_steps or family.default_steps
     if steps < 8 or steps % 8:
         raise UsageError(f"--bucket-reso-steps must be a multiple of 8, got {steps}")
@@ -457,7 +469,7 @@ def cache_latents(
     done = total - len(jobs)
     progress(ProgressEvent("encoding", done, total))
     if jobs:
-        _run_jobs(jobs, family, vae or model_path, device, dtype, latent_dist, seed, progress, done, total)
+        _run_jobs(jobs, family, vae or model_path, device, dtype, dist, seed, progress, done, total)
     buckets: dict[str, int] = {}
     for it in items:
         if it.bucket is not None:
@@ -469,7 +481,7 @@ def cache_latents(
         scaling_factor=family.scaling_factor,
         shift_factor=family.shift_factor,
         stores_scaled=family.stores_scaled,
-        latent_dist=latent_dist,
+        latent_dist=dist,
         images=total,
         written=sum(it.status == "written" for it in items),
         skipped=sum(it.status == "skipped" for it in items),

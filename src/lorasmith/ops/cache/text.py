@@ -13,7 +13,9 @@ to it (or in the TOML's ``cache_directory``). The formats are sd-scripts' (``lib
 - SD3, ``<stem>_sd3_te.npz``: ``lg_out`` (77, 2048), CLIP-L's and CLIP-G's penultimate layers side by
   side; ``lg_pooled`` (2048,), both projected poolings side by side; ``t5_out`` (T, 4096);
   ``clip_l_attn_mask``, ``clip_g_attn_mask`` (77,) and ``t5_attn_mask`` (T,) int64;
-  ``apply_lg_attn_mask``, ``apply_t5_attn_mask`` (bool).
+  ``apply_lg_attn_mask``, ``apply_t5_attn_mask`` (bool);
+- Z-Image, musubi-tuner's ``<stem>_zi_te.safetensors``: ``varlen_llm_embed_<dtype>`` (tokens, 2560), the
+  Qwen3 embedding of the chat-templated caption (:mod:`~lorasmith.ops.cache._text_zimage`).
 
 ``T`` is the T5 token length: 512 for FLUX dev, 256 for FLUX schnell and SD3 (``t5_max_length``).
 Tokens are padded to the full length (``padding="max_length"``, truncated); SDXL's and SD3's CLIP-G
@@ -23,8 +25,9 @@ a cache is valid for a run only with the same flags). Float outputs are float32,
 encoders run in float16 (sd-scripts converts only bfloat16).
 
 Captions are ``<stem><caption_extension>`` next to the image: the first line, stripped (sd-scripts
-reads the first line). Without an extension set, ``.caption`` then ``.txt`` are tried. A missing, empty
-or undecodable caption is reported for that image and the run goes on.
+reads the first line; for Z-Image the whole file, as musubi-tuner reads it). Without an extension set,
+``.caption`` then ``.txt`` are tried. A missing, empty or undecodable caption is reported for that image
+and the run goes on.
 
 A cache is *valid* when it loads, holds every key with the expected shape, and records the same mask
 flags. Valid caches are skipped (``skip_existing``); any other existing cache is replaced only with
@@ -43,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field
 
-from lorasmith.errors import InvalidFileError, LorasmithError, NotAvailableError, UsageError
+from lorasmith.errors import InvalidFileError, LorasmithError, UsageError
 from lorasmith.ops.cache._te_models import EncoderSource, find_sources
 from lorasmith.ops.cache.datasets import ImageGroup, Settings, folder_group, load_dataset_config
 from lorasmith.progress import ProgressCallback, ProgressEvent, noop
@@ -73,8 +76,8 @@ _DIFFUSERS_TOKENIZER_DIRS = ("tokenizer", "tokenizer_2", "tokenizer_3")
 class Slot:
     """One text encoder of a family.
 
-    :ivar name: ``clip_l``, ``clip_g`` or ``t5xxl``.
-    :ivar kind: ``clip`` or ``t5``.
+    :ivar name: ``clip_l``, ``clip_g``, ``t5xxl`` or ``qwen3``.
+    :ivar kind: ``clip``, ``t5`` or ``qwen3``.
     :ivar activation: CLIP activation (``quick_gelu`` for OpenAI CLIP-L, ``gelu`` for LAION bigG).
     :ivar projection: the family uses the CLIP text projection.
     :ivar pad_zero: pad with token id 0 (sd-scripts' CLIP-G tokenizer), not the tokenizer's pad token.
@@ -82,7 +85,7 @@ class Slot:
     """
 
     name: str
-    kind: Literal["clip", "t5"]
+    kind: Literal["clip", "t5", "qwen3"]
     activation: str = "quick_gelu"
     projection: bool = False
     pad_zero: bool = False
@@ -98,6 +101,7 @@ class TextFamily:
     :ivar slots: the encoders, in ``--tokenizer``, ``--tokenizer2``, ``--tokenizer3`` order.
     :ivar bundled: slot -> key prefix of that encoder inside the family's single-file checkpoint.
     :ivar t5_length: default T5 token length (``None``: no T5).
+    :ivar cache_format: ``sd-scripts npz`` or ``musubi-tuner safetensors``.
     """
 
     arch: str
@@ -105,11 +109,16 @@ class TextFamily:
     slots: tuple[Slot, ...]
     bundled: dict[str, str]
     t5_length: int | None = None
+    cache_format: str = "sd-scripts npz"
 
 
 _CLIP_L_HINT = "the CLIP-L tokenizer (openai/clip-vit-large-patch14: vocab.json + merges.txt)"
 _CLIP_G_HINT = "the CLIP-G tokenizer (laion/CLIP-ViT-bigG-14-laion2B-39B-b160k; CLIP-L's works the same)"
 _T5_HINT = "the T5-XXL tokenizer (google/t5-v1_1-xxl: tokenizer.json or spiece.model)"
+_QWEN3_HINT = (
+    "Z-Image's Qwen3 tokenizer (the tokenizer/ folder of Tongyi-MAI/Z-Image: tokenizer.json + "
+    "tokenizer_config.json)"
+)
 
 TEXT_FAMILIES: dict[str, TextFamily] = {
     "sdxl": TextFamily(
@@ -143,6 +152,13 @@ TEXT_FAMILIES: dict[str, TextFamily] = {
         },
         t5_length=256,
     ),
+    "zimage": TextFamily(
+        "zimage",
+        "_zi_te.safetensors",
+        (Slot("qwen3", "qwen3", tokenizer_hint=_QWEN3_HINT),),
+        {},
+        cache_format="musubi-tuner safetensors",
+    ),
 }
 
 
@@ -167,7 +183,7 @@ class TextCacheResult(BaseModel):
     """What :func:`cache_text` did.
 
     :ivar arch: the family.
-    :ivar cache_format: ``sd-scripts npz``.
+    :ivar cache_format: ``sd-scripts npz`` or ``musubi-tuner safetensors`` (Z-Image).
     :ivar encoders: slot -> where its weights came from.
     :ivar t5_max_length: the T5 token length (``None`` without T5).
     :ivar apply_t5_attn_mask: the T5 attention mask was applied.
@@ -214,8 +230,10 @@ def text_cache_path(image: Path, family: TextFamily, cache_dir: Path | None = No
     return folder / f"{image.stem}{family.suffix}"
 
 
-def read_caption(image: Path, extensions: Sequence[str]) -> tuple[Path, str]:
+def read_caption(image: Path, extensions: Sequence[str], first_line: bool = True) -> tuple[Path, str]:
     """The caption of ``image``: the first line of the first ``<stem><ext>`` that exists, stripped.
+
+    With ``first_line=False`` the whole file, stripped (musubi-tuner's reading).
 
     :raises InvalidFileError: no caption file, an empty one, or one that is not UTF-8.
     """
@@ -230,7 +248,7 @@ def read_caption(image: Path, extensions: Sequence[str]) -> tuple[Path, str]:
         except OSError as exc:
             raise InvalidFileError(f"{path}: cannot read the caption ({exc.strerror or exc})") from exc
         lines = text.splitlines()
-        caption = lines[0].strip() if lines else ""
+        caption = (lines[0].strip() if lines else "") if first_line else text.strip()
         if not caption:
             raise InvalidFileError(
                 f"{path}: the caption file is empty", hint="write the caption on its first line"
@@ -322,11 +340,6 @@ def _resolve_arch(model: Path | None, arch: str | None) -> tuple[str, str | None
 
 
 def _text_family(arch: str) -> TextFamily:
-    if arch == "zimage":
-        raise NotAvailableError(
-            "cache text for Z-Image (musubi-tuner's Qwen3 cache) is not available yet",
-            hint="cache Z-Image text-encoder outputs with musubi-tuner's own caching script",
-        )
     fam = TEXT_FAMILIES.get(arch)
     if fam is None:
         raise UsageError(
@@ -664,17 +677,19 @@ def cache_text(
     """Encode the captions of ``dataset`` (a folder) or ``dataset_config`` (a TOML) into trainer caches.
 
     :param model: the checkpoint that names the family (and holds SDXL's / SD3's text encoders).
-    :param text_encoders: separate encoder files (``clip_l``, ``clip_g``, ``t5xxl`` in HF form), which
-        replace or complete the checkpoint's.
+    :param text_encoders: separate encoder files (``clip_l``, ``clip_g``, ``t5xxl`` in HF form, or
+        Z-Image's Qwen3 ``qwen_3_4b.safetensors`` / its shards), which replace or complete the checkpoint's.
     :param tokenizers: local tokenizer folders in the family's slot order (SDXL: CLIP-L, CLIP-G;
-        FLUX: CLIP-L, T5; SD3: CLIP-L, CLIP-G, T5); a diffusers model folder fills every slot.
+        FLUX: CLIP-L, T5; SD3: CLIP-L, CLIP-G, T5; Z-Image: Qwen3); a diffusers model folder fills every
+        slot.
     :param arch: force the family (needed without ``model``).
     :param caption_extension: caption file extension (a dataset TOML's ``caption_extension`` wins);
         ``.caption`` then ``.txt`` when neither sets one.
     :param t5_max_length: T5 token length (default 512 for FLUX dev, 256 for FLUX schnell and SD3).
-    :param dtype: encoder compute dtype; bfloat16 outputs are saved as float32.
+    :param dtype: encoder compute dtype; bfloat16 outputs are saved as float32 in the sd-scripts
+        formats, as they are (``varlen_llm_embed_bfloat16``) in Z-Image's.
     :raises UsageError: bad option values, a missing encoder or tokenizer.
-    :raises NotAvailableError: the ``cache`` extra is not installed, or Z-Image.
+    :raises NotAvailableError: the ``cache`` extra is not installed.
     :raises InvalidFileError: unreadable model, encoder, tokenizer, dataset folder or config.
     """
     from lorasmith.ops.cache.latents import require_extra
@@ -699,8 +714,12 @@ def cache_text(
     if apply_lg_attn_mask and family.arch != "sd3":
         raise UsageError("--apply-lg-attn-mask is an SD3 option")
     opts = _Options(t5_len, apply_t5_attn_mask, apply_lg_attn_mask)
-    sources = _assign_sources(family, model_path, [Path(p) for p in text_encoders])
+    te_paths = [Path(p) for p in text_encoders]
+    # Z-Image's single Qwen3 is found (and its absence reported) by its own module, after the tokenizer
+    sources = {} if family.arch == "zimage" else _assign_sources(family, model_path, te_paths)
     tok_dirs = _tokenizer_dirs([Path(p) if p is not None else None for p in tokenizers], family)
+    if family.arch == "zimage" and any(p is not None for p in tokenizers[1:]):
+        raise UsageError("zimage has one tokenizer: drop --tokenizer2 / --tokenizer3")
     for i, slot in enumerate(family.slots):
         if tok_dirs[i] is None:
             raise UsageError(
@@ -713,6 +732,24 @@ def cache_text(
         Path(dataset_config) if dataset_config is not None else None,
         defaults,
     )
+    if family.arch == "zimage":
+        from lorasmith.ops.cache._text_zimage import cache_zimage_text
+
+        tok = tok_dirs[0]
+        assert tok is not None
+        return cache_zimage_text(
+            family,
+            model_path,
+            te_paths,
+            tok,
+            groups,
+            batch_size=batch_size,
+            skip_existing=skip_existing,
+            overwrite=overwrite,
+            device=device,
+            dtype=dtype,
+            progress=progress,
+        )
     expected = _expected(family, sources, opts)
     flags = _flags(family, opts)
     items, jobs = _plan(groups, family, expected, flags, skip_existing, overwrite)
@@ -735,7 +772,7 @@ def cache_text(
                 progress(ProgressEvent("encoding", done, total, str(job.image)))
     return TextCacheResult(
         arch=family.arch,
-        cache_format="sd-scripts npz",
+        cache_format=family.cache_format,
         encoders={name: src.describe() for name, src in sources.items()},
         t5_max_length=t5_len,
         apply_t5_attn_mask=apply_t5_attn_mask,
