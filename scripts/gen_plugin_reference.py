@@ -1,7 +1,8 @@
 """Generate ``docs/plugins/reference.md`` from the docstrings of the plugin API.
 
 Covers every hook of :mod:`lorasmith.hookspecs`, the :class:`~lorasmith.archs.base.Architecture` base class
-(class attributes and every public or overridable method) and the data classes a plugin builds.
+(class attributes and every public or overridable method), the data classes a plugin builds, and the part
+declarations of :mod:`lorasmith.archs.parts` (separate component files).
 
 Usage: ``python scripts/gen_plugin_reference.py`` rewrites the page; ``--check`` exits 1 if it is stale
 (``tests/test_docs.py`` runs the check).
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lorasmith import hookspecs
-from lorasmith.archs import base
+from lorasmith.archs import base, parts
 
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "plugins" / "reference.md"
 
@@ -26,6 +27,9 @@ OVERRIDABLE = ("_build_aliases", "_refine_variant")
 DATA_CLASSES = (base.Alias, base.Target, base.Inventory, base.TensorSpec, base.Detection, base.Spelling)
 #: Helpers of lorasmith.archs.base a plugin uses.
 HELPERS = ("kohya_name", "strip_weight", "lora_modules", "split_lora_key", "load_packaged_inventory")
+#: What a family declares about its separate component files (lorasmith.archs.parts).
+PART_CLASSES = (parts.PartSlot, parts.PartKind, parts.PartForm)
+PART_HELPERS = ("diffusion_model_slot", "text_encoder_slot", "inventory_tensors", "detect_part")
 
 
 def hooks() -> list[str]:
@@ -37,6 +41,11 @@ def hooks() -> list[str]:
 
 def _doc(obj: Any) -> str:
     return inspect.cleandoc(obj.__doc__ or "").strip()
+
+
+def _first_paragraphs(module: Any) -> str:
+    """A module docstring less its first line (the title)."""
+    return "\n".join(_doc(module).splitlines()[1:]).strip()
 
 
 def _sig(obj: Any) -> str:
@@ -83,6 +92,13 @@ def render() -> str:
     lines += ["## Helpers (`lorasmith.archs.base`)", ""]
     for name in HELPERS:
         fn = getattr(base, name)
+        lines += [f"### `{name}{_sig(fn)}`", "", _doc(fn), ""]
+    lines += ["## Part declarations (`lorasmith.archs.parts`)", "", _first_paragraphs(parts), ""]
+    for cls in PART_CLASSES:
+        lines += [f"### `{cls.__name__}`", "", _doc(cls), ""]
+    lines += ["Built-in part kinds: " + ", ".join(f"`{k}`" for k in parts.PART_KINDS) + ".", ""]
+    for name in PART_HELPERS:
+        fn = getattr(parts, name)
         lines += [f"### `{name}{_sig(fn)}`", "", _doc(fn), ""]
     return "\n".join(lines).rstrip() + "\n"
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from lorasmith.archs.parts import PART_KINDS, detect_part, part_inventory
+from lorasmith.archs.parts import PART_KINDS, detect_part, form_inventory
 from lorasmith.cli import app
 from lorasmith.errors import InvalidFileError, UsageError
 from lorasmith.io.header import read_header
@@ -22,11 +22,11 @@ from lorasmith.registry import get
 from lorasmith.testing import make_checkpoint, make_lora, shrink_shape
 
 
-def write_part(kind: str, path: Path, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A shrunk separate part file of ``kind`` with every key of its inventory."""
+def write_part(kind: str, path: Path, seed: int = 0, form: str | None = None) -> dict[str, torch.Tensor]:
+    """A shrunk separate part file of ``kind`` (in ``form``: default its file form) with every key."""
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
-    for key, spec in part_inventory(kind).items():
+    for key, spec in form_inventory(PART_KINDS[kind], form).items():
         shape = shrink_shape(spec.shape)
         if spec.dtype.startswith("I"):
             tensors[key] = torch.zeros(shape, dtype=torch.int64)
@@ -72,11 +72,13 @@ def zimage_parts(tmp: Path) -> dict[str, Path]:
 
 
 # ------------------------------------------------------------------------------------- part detection
-@pytest.mark.parametrize("kind", sorted(PART_KINDS))
-def test_every_part_kind_is_detected(kind: str, tmp_path: Path) -> None:
-    write_part(kind, tmp_path / "p.safetensors")
+@pytest.mark.parametrize(
+    ("kind", "form"), [(k, f.id) for k in sorted(PART_KINDS) for f in PART_KINDS[k].forms]
+)
+def test_every_part_kind_and_form_is_detected(kind: str, form: str, tmp_path: Path) -> None:
+    write_part(kind, tmp_path / "p.safetensors", form=form)
     found = detect_part(read_header(tmp_path / "p.safetensors"))
-    assert found is not None and found.kind == kind
+    assert found is not None and (found.kind, found.form) == (kind, form)
 
 
 def test_inspect_reports_a_shared_part_with_its_users(tmp_path: Path) -> None:
@@ -203,18 +205,30 @@ def test_part_in_the_wrong_slot_and_unknown_slot(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------ bake
 def _te_lora(family: str, path: Path) -> None:
-    """A kohya LoRA with transformer and text-encoder modules (shapes of the shrunk fixtures)."""
+    """A kohya LoRA with transformer and text-encoder modules (shapes of the shrunk fixtures); SDXL's
+    CLIP-G modules are row slices of OpenCLIP's fused in_proj_weight."""
     arch = get(family)
-    names = [a for a in arch.aliases(spelling="kohya") if a.target.slice is None]
-    pick = [a for a in names if a.name.startswith("lora_unet_") and a.target.key.endswith(".weight")][:6]
+    names = arch.aliases(spelling="kohya")
+    pick = [
+        a
+        for a in names
+        if a.name.startswith("lora_unet_") and a.target.key.endswith(".weight") and a.target.slice is None
+    ][:12]
     for prefix in ("lora_te1_", "lora_te2_", "lora_te3_"):
         ends = ("_q_proj", "_fc1", "SelfAttention_q")
         pick += [a for a in names if a.name.startswith(prefix) and a.name.endswith(ends)][:3]
     gen = torch.Generator().manual_seed(5)
     tensors: dict[str, torch.Tensor] = {}
     for a in pick:
-        spec = arch.target_spec(a.target.key)  # type: ignore[attr-defined]
-        out_f, in_f = shrink_shape(spec.shape)[:2]
+        spec = arch.canonical_inventory().tensors.get(a.target.key)
+        if spec is None:
+            spec = arch.target_spec(a.target.key)  # type: ignore[attr-defined]
+        shape = list(spec.shape)
+        if len(shape) != 2:  # linear layers only
+            continue
+        if a.target.slice is not None:
+            shape[a.target.slice[0]] = a.target.slice[2]
+        out_f, in_f = shrink_shape(tuple(shape))[:2]
         tensors[a.name + ".lora_down.weight"] = torch.randn(2, in_f, generator=gen) * 0.1
         tensors[a.name + ".lora_up.weight"] = torch.randn(out_f, 2, generator=gen) * 0.1
         tensors[a.name + ".alpha"] = torch.tensor(1.0)

@@ -145,3 +145,88 @@ def test_errors_name_file_and_field(tmp_path: Path) -> None:
     assert "also given: FILES" in _fail(tmp_path, "loras: [a]\n", 2, ("x.safetensors",))[0]
     res = runner.invoke(app, ["merge", "--recipe", str(tmp_path / "missing.yaml")])
     assert res.exit_code == 1 and "cannot read the recipe" in res.output
+
+
+# ------------------------------------------------------------------------- separate text-encoder files
+def test_bake_recipe_with_separate_text_encoders(tmp_path: Path) -> None:
+    from test_components import _te_lora, flux_parts, same
+
+    from lorasmith.ops.components import ComponentsResult, bake_parts
+    from lorasmith.ops.recipes import run_recipe
+
+    parts = flux_parts(tmp_path)
+    _te_lora("flux", tmp_path / "lora.safetensors")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "r.yaml").write_text(
+        "base: flux1-dev.safetensors\nloras: [lora.safetensors:0.7]\noutput: out/t.safetensors\n"
+        "clip_l: clip_l.safetensors\nclip-l-out: out/clip_l.safetensors\n"
+        "t5xxl: t5xxl_fp16.safetensors\nt5xxl_out: out/t5xxl.safetensors\nprecision: float64\n"
+    )
+    recipe = load_recipe(tmp_path / "r.yaml")
+    res = run_recipe(recipe, tmp_path)
+    assert isinstance(res, ComponentsResult) and res.mode == "bake" and not res.skipped
+    bake_parts(
+        parts["transformer"],
+        [f"{tmp_path / 'lora.safetensors'}:0.7"],
+        tmp_path / "t.safetensors",
+        parts={
+            "clip_l": (parts["clip_l"], tmp_path / "c.safetensors"),
+            "t5xxl": (parts["t5xxl"], tmp_path / "x.safetensors"),
+        },
+        precision="float64",
+    )
+    same(tmp_path / "out" / "t.safetensors", tmp_path / "t.safetensors")
+    same(tmp_path / "out" / "clip_l.safetensors", tmp_path / "c.safetensors")
+    same(tmp_path / "out" / "t5xxl.safetensors", tmp_path / "x.safetensors")
+    # the output given apart wins, and an existing output needs overwrite
+    with pytest.raises(Exception, match="exists"):
+        run_recipe(recipe, tmp_path)
+    res = run_recipe(recipe, tmp_path, tmp_path / "other.safetensors", overwrite=True)
+    assert res.outputs[0].path == str(tmp_path / "other.safetensors")
+    # a recipe without parts runs merge()
+    (tmp_path / "plain.yaml").write_text("loras: [lora.safetensors]\noutput: plain.safetensors\n")
+    assert run_recipe(load_recipe(tmp_path / "plain.yaml"), tmp_path).mode == "lora"
+
+
+def test_text_encoder_fields_are_validated(tmp_path: Path) -> None:
+    lines = _fail(
+        tmp_path,
+        "base: m.safetensors\nloras: [l.safetensors]\nclip_l: c.safetensors\nt5xxl_out: t.safetensors\n"
+        "clip_g: g.safetensors\nclip_g_out: g2.safetensors\n",
+    )
+    assert len(lines) == 2 and all("bad.yaml: " in line for line in lines)
+    assert "clip_l_out: missing" in lines[0] and "t5xxl: missing" in lines[1]
+    line = _fail(
+        tmp_path, "loras: [l.safetensors]\ntext_encoder: q.safetensors\ntext_encoder_out: o.safetensors\n"
+    )
+    assert (
+        len(line) == 1
+        and "bad.yaml: text_encoder: separate text-encoder files are baked with base" in line[0]
+    )
+    assert "clip_g_out: unknown field" not in " ".join(_fail(tmp_path, "loras: [a]\nclip_g_out: 1.5\n"))
+    assert (
+        "bad.yaml: clip_l: Input should be a valid string" in _fail(tmp_path, "loras: [a]\nclip_l: [1]\n")[0]
+    )
+
+
+def test_recipe_arguments_refuse_to_drop_text_encoder_files(tmp_path: Path) -> None:
+    (tmp_path / "r.yaml").write_text(
+        "base: m.safetensors\nloras: [l.safetensors]\nclip_l: c.safetensors\nclip_l_out: o.safetensors\n"
+    )
+    recipe = load_recipe(tmp_path / "r.yaml")
+    with pytest.raises(RecipeError, match=r"r.yaml: clip_l: separate text-encoder files") as e:
+        recipe_arguments(recipe, tmp_path, "x.safetensors")
+    assert "\n" not in e.value.message
+
+
+def test_cli_never_drops_text_encoder_files(tmp_path: Path) -> None:
+    make_checkpoint(get("sd1"), tmp_path / "m.safetensors", components=("unet",))
+    make_lora(get("sd1"), tmp_path / "l.safetensors", rank=2, limit=3)
+    (tmp_path / "r.yaml").write_text(
+        "base: m.safetensors\nloras: [l.safetensors]\noutput: o.safetensors\n"
+        "clip_l: missing_clip_l.safetensors\nclip_l_out: c.safetensors\n"
+    )
+    res = runner.invoke(app, ["merge", "--recipe", str(tmp_path / "r.yaml")])
+    # refused with one error line (or baked with the text encoder): never a bake that leaves it out
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert not (tmp_path / "o.safetensors").exists()

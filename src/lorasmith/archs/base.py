@@ -24,9 +24,12 @@ from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 from lorasmith.errors import NotAvailableError, PluginError, UnknownArchError
+
+if TYPE_CHECKING:
+    from lorasmith.archs.parts import PartKind, PartSlot
 
 Kind = Literal["checkpoint", "lora", "mixed", "unknown"]
 
@@ -361,9 +364,16 @@ class Architecture:
     :cvar spellings: the LoRA spellings this family supports, its default first.
     :cvar modelspec: variant -> ``modelspec.architecture`` value.
     :cvar base_model_version: variant -> ``ss_base_model_version`` value.
+    :cvar component_parts: the parts of the single-file checkpoint (:class:`~lorasmith.archs.parts.PartSlot`,
+        the diffusion model first) for ``convert --assemble``/``--split`` and baking into separate files;
+        see :meth:`part_slots`.
+    :cvar part_kinds: kinds of separate part files this family introduces
+        (:class:`~lorasmith.archs.parts.PartKind`: its own text encoder or VAE); ids are unique across
+        plugins, and the built-in kinds (``clip_l``, ``clip_g``, ``clip_h``, ``t5xxl``, ``vae4``,
+        ``vae16``, ``qwen3_4b``) may be used without declaring them.
 
     Overridable behaviour: :meth:`_build_aliases` (required for LoRA support), :meth:`_refine_variant`,
-    :meth:`block_of`, :meth:`block_notations`, :meth:`detect`.
+    :meth:`block_of`, :meth:`block_notations`, :meth:`detect`, :meth:`part_slots`.
     """
 
     id: ClassVar[str] = ""
@@ -376,6 +386,8 @@ class Architecture:
     base_model_version: ClassVar[Mapping[str, str]] = {}
     #: spellings whose keys ComfyUI does not load for this family ("lora key not loaded").
     comfyui_rejects: ClassVar[frozenset[str]] = frozenset()
+    component_parts: ClassVar[tuple[PartSlot, ...]] = ()
+    part_kinds: ClassVar[tuple[PartKind, ...]] = ()
 
     # ----------------------------------------------------------------------------------------- inventories
     @cached_property
@@ -501,6 +513,27 @@ class Architecture:
             f"family {self.id!r} has no key map for layout {inventory_id!r}",
             hint="convert the checkpoint to the family's single-file layout first",
         )
+
+    # -------------------------------------------------------------------------------------------- parts
+    def part_slots(self, variant: str | None = None) -> tuple[PartSlot, ...]:
+        """The parts of the single-file checkpoint of ``variant``, the diffusion model first.
+
+        Each :class:`~lorasmith.archs.parts.PartSlot` says where a part's keys live in the single file (key
+        prefix, and the :class:`~lorasmith.archs.parts.PartForm` stored there), which part kind a separate
+        file of it is, and its file name when split. ``convert --assemble`` and ``--split``, ``inspect`` on
+        a part file and ``merge --base ... --clip-l F --clip-l-out O`` read them from here. ``()`` means
+        the family has no separate parts (assemble and split refuse it).
+
+        The default returns :attr:`component_parts`; override this method when variants differ. A family
+        that declares nothing gets the table of its id in :data:`lorasmith.archs.parts.BUILTIN_SLOTS`
+        (:func:`~lorasmith.archs.parts.builtin_slots`; empty for any id but the built-in families', whose
+        slots are kept there as data).
+        """
+        if self.component_parts:
+            return self.component_parts
+        from lorasmith.archs.parts import builtin_slots
+
+        return builtin_slots(self.id, variant)
 
     # ------------------------------------------------------------------------------------------- blocks
     def block_of(self, key: str) -> str | None:

@@ -113,8 +113,10 @@ class BufferPool:
         self.nbytes = nbytes
         self._free: queue.Queue[torch.Tensor] = queue.Queue()
         self._ids: set[int] = set()
-        for _ in range(count):
-            buf = torch.empty(nbytes, dtype=torch.uint8)
+        # one allocation for all the buffers: if memory is short, the error says how much the pool needs
+        slab = torch.empty(count * nbytes, dtype=torch.uint8)
+        for i in range(count):
+            buf = slab[i * nbytes : (i + 1) * nbytes]
             self._ids.add(buf.data_ptr())
             self._free.put(buf)
 

@@ -30,7 +30,15 @@ from lorasmith.ops.blocks import BlockWeights
 from lorasmith.progress import ProgressCallback, ProgressEvent
 from lorasmith.registry import get_registry
 
-__all__ = ["CkptOutcome", "bake", "merge_checkpoints"]
+__all__ = [
+    "BakeJob",
+    "CkptOutcome",
+    "bake",
+    "bake_steps",
+    "bake_tensor",
+    "fit_slice",
+    "merge_checkpoints",
+]
 
 _FLOATS = frozenset({"F64", "F32", "F16", "BF16"})
 
@@ -70,7 +78,7 @@ def _key_index(header: Header) -> dict[str, str]:
     return index
 
 
-def _fit_slice(sl: tuple[int, int, int], real: int | None, actual: int, name: str) -> tuple[int, int, int]:
+def fit_slice(sl: tuple[int, int, int], real: int | None, actual: int, name: str) -> tuple[int, int, int]:
     """Map a slice of the real weight onto this file's weight (the same slice, or scaled when shrunk)."""
     dim, start, length = sl
     if real is None or real == actual:
@@ -95,7 +103,7 @@ def _detect_ckpt(path: Path, header: Header, arch: str | None) -> tuple[Architec
 
 
 @dataclass
-class _Job:
+class BakeJob:
     """One LoRA module to apply to one base tensor.
 
     ``what`` is the parsed module, or a function that reads it: then the module is read when its tensor
@@ -123,7 +131,7 @@ class _Job:
 
 
 def _bake_whole(
-    t: torch.Tensor, jobs: Sequence[_Job], bias_jobs: Sequence[_Job], compute: torch.dtype
+    t: torch.Tensor, jobs: Sequence[BakeJob], bias_jobs: Sequence[BakeJob], compute: torch.dtype
 ) -> torch.Tensor:
     """Apply every job to the whole tensor (DoRA, OFT, GLoRA, LoHa, ... need the whole weight)."""
     out_dtype = t.dtype
@@ -147,7 +155,7 @@ def _bake_whole(
 _RowFactors = tuple[int, torch.Tensor, torch.Tensor]
 
 
-def _lowrank_jobs(jobs: Sequence[_Job], t: torch.Tensor, compute: torch.dtype) -> list[_RowFactors] | None:
+def _lowrank_jobs(jobs: Sequence[BakeJob], t: torch.Tensor, compute: torch.dtype) -> list[_RowFactors] | None:
     """The jobs as row-placed factor pairs when every one is a plain low-rank delta; ``None`` otherwise.
 
     Why: a plain LoRA's delta is ``up @ down``, so any band of rows of the new weight only needs the
@@ -181,6 +189,38 @@ def _lowrank_jobs(jobs: Sequence[_Job], t: torch.Tensor, compute: torch.dtype) -
     return out
 
 
+def _apply_band(w: torch.Tensor, first: int, factors: Sequence[_RowFactors]) -> None:
+    """``w += up[rows] @ down`` for every factor pair overlapping the band of rows starting at ``first``.
+
+    The one kernel of every low-rank bake (streamed or whole-tensor), so that they agree bit for bit.
+    """
+    last = first + int(w.shape[0])
+    for start, up, down in factors:
+        lo, hi = max(first, start), min(last, start + int(up.shape[0]))
+        if lo < hi:
+            w[lo - first : hi - first].addmm_(up[lo - start : hi - start], down)
+
+
+def bake_tensor(
+    t: torch.Tensor,
+    jobs: Sequence[BakeJob],
+    bias_jobs: Sequence[BakeJob],
+    compute: torch.dtype,
+    final: torch.dtype,
+) -> torch.Tensor:
+    """``t`` with ``jobs`` (and bias jobs) applied, in ``final``: the whole-tensor form of :func:`bake_steps`
+    (same bands, same arithmetic, so the two give the same bits). Releases the jobs' modules."""
+    factors = _lowrank_jobs(jobs, t, compute) if not bias_jobs else None
+    out = (
+        _bake_chunked(t, factors, compute, final)
+        if factors is not None
+        else _bake_whole(t, jobs, bias_jobs, compute)
+    )
+    for job in [*jobs, *bias_jobs]:
+        job.release()
+    return out if out.dtype == final else out.to(final)
+
+
 def _bake_chunked(
     t: torch.Tensor, factors: Sequence[_RowFactors], compute: torch.dtype, final: torch.dtype
 ) -> torch.Tensor:
@@ -194,10 +234,7 @@ def _bake_chunked(
     for a in range(0, rows, band):
         b = min(rows, a + band)
         wc = w2[a:b].to(compute)
-        for start, up, down in factors:
-            lo, hi = max(a, start), min(b, start + int(up.shape[0]))
-            if lo < hi:
-                wc[lo - a : hi - a] += up[lo - start : hi - start] @ down
+        _apply_band(wc, a, factors)
         o2[a:b].copy_(wc)
     return out
 
@@ -209,8 +246,8 @@ _BAKE_THREADS = 2
 def bake_steps(
     f: TensorFile,
     name: str,
-    jobs: Sequence[_Job],
-    bias_jobs: Sequence[_Job],
+    jobs: Sequence[BakeJob],
+    bias_jobs: Sequence[BakeJob],
     compute: torch.dtype,
     scratch: _Scratch,
 ) -> Iterator[Step]:
@@ -249,10 +286,7 @@ def bake_steps(
         def apply(inputs: list[torch.Tensor], out: torch.Tensor) -> None:
             w = scratch.get((b - a) * cols, compute).view(b - a, cols)
             w.copy_(inputs[0].view(b - a, cols))
-            for start, up, down in factors:
-                lo, hi = max(a, start), min(b, start + int(up.shape[0]))
-                if lo < hi:
-                    w[lo - a : hi - a].addmm_(up[lo - start : hi - start], down)
+            _apply_band(w, a, factors)
             out.view(b - a, cols).copy_(w)
 
         return Step(
@@ -290,8 +324,8 @@ def bake(
     blocks: BlockWeights | None = parse_blocks(blocks_spec, family) if blocks_spec else None
     index = _key_index(header)
     inventory = family.canonical_inventory(variant)
-    jobs: dict[str, list[_Job]] = {}
-    bias_jobs: dict[str, list[_Job]] = {}
+    jobs: dict[str, list[BakeJob]] = {}
+    bias_jobs: dict[str, list[BakeJob]] = {}
     unmatched: list[str] = []
     for lora in loras:
         for name in lora.names:
@@ -305,9 +339,9 @@ def bake(
             if sl is not None:
                 spec = inventory.tensors.get(alias.target.key)
                 real = spec.shape[sl[0]] if spec is not None else None
-                sl = _fit_slice(sl, real, int(info.shape[sl[0]]), name)
+                sl = fit_slice(sl, real, int(info.shape[sl[0]]), name)
             bw = blocks.weight(family, alias.target.key) if blocks is not None else 1.0
-            job = _Job(partial(lora.read, name), lora.ratio * bw, sl, f"{lora.path.name}: {name}")
+            job = BakeJob(partial(lora.read, name), lora.ratio * bw, sl, f"{lora.path.name}: {name}")
             jobs.setdefault(file_key, []).append(job)
             if lora.has_bias(name) and file_key.endswith(".weight"):
                 bkey = file_key[: -len("weight")] + "bias"

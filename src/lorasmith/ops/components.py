@@ -7,9 +7,13 @@ LoRAs into text encoders kept in separate files.
 - :func:`bake_parts`: ``merge --base`` for a model whose text encoders are separate files
   (:mod:`lorasmith.ops._components_bake`).
 
-Every part is identified from its keys (:func:`lorasmith.archs.parts.detect_part`) and checked against the
-slot it is given for; a wrong or missing part is a one-line error naming it. Everything streams: one tensor
-is held at a time, and each output is written atomically through a planned writer.
+Every part is identified from its keys (:func:`lorasmith.archs.parts.detect_part`), kind and form, and
+checked against the slot it is given for; a wrong or missing part is a one-line error naming it. A part in
+another form than the single file stores (an HF-form CLIP-G for SDXL, a diffusers VAE) is converted on the
+way (:mod:`lorasmith.ops._components_forms`, values moved only). The slots come from the family
+(:meth:`lorasmith.archs.base.Architecture.part_slots`), so plugin families work the same way. Everything
+streams: one tensor (or the few pieces of one fused tensor) is held at a time, and each output is written
+atomically through a planned writer.
 """
 
 from __future__ import annotations
@@ -19,19 +23,26 @@ import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, Field
 
+from lorasmith.archs.parts import PartCatalog, PartMatch
 from lorasmith.errors import DetectionError, InvalidFileError, UsageError
+from lorasmith.ops._components_forms import (
+    Conversion,
+    convert_keys,
+    from_canonical,
+    output_shapes,
+    to_canonical,
+)
 from lorasmith.ops._components_layouts import MAIN, Slot, layout_for
 from lorasmith.ops._convert_dtype import CastStats, parse_dtype
 from lorasmith.progress import ProgressCallback, ProgressEvent, noop
 
 if TYPE_CHECKING:
-    import torch
-
     from lorasmith.archs.base import Architecture
     from lorasmith.io.header import Header
 
@@ -129,31 +140,11 @@ def _part_key(key: str, slot: Slot) -> str:
     return key[len(slot.outer) :]
 
 
-def _single_key(key: str, slot: Slot, outer_keys: frozenset[str]) -> str:
+def _single_key(key: str, slot: Slot) -> str:
     """Separate-file key -> the single-file key (``logit_scale`` and the like go under ``outer``)."""
-    if slot.outer and key in outer_keys:
+    if slot.outer and key in slot.outer_keys:
         return slot.outer + key
     return slot.prefix + key
-
-
-def _outer_keys(slot: Slot) -> frozenset[str]:
-    """Part keys that live under ``slot.outer`` rather than ``slot.prefix`` in the single file."""
-    if slot.kind is None or slot.outer is None:
-        return frozenset()
-    from lorasmith.archs.parts import PART_KINDS, part_inventory
-
-    kind = PART_KINDS[slot.kind]
-    if kind.source is None:
-        return frozenset({"logit_scale"})
-    stem, prefix = kind.source
-    from lorasmith.archs.base import load_packaged_inventory
-
-    inv = load_packaged_inventory("lorasmith.archs", stem)
-    outer = kind.outer or ""
-    found = {
-        k[len(outer) :] for k in inv.tensors if outer and k.startswith(outer) and not k.startswith(prefix)
-    }
-    return frozenset(found & set(part_inventory(slot.kind))) | {"logit_scale"}
 
 
 def _clean_meta(meta: Mapping[str, str]) -> dict[str, str]:
@@ -173,51 +164,89 @@ def _describe(path: Path, header: Header) -> str:
     return f"a {det.arch} {what}{comps}"
 
 
-def _needs(slot: Slot) -> str:
-    from lorasmith.archs.parts import PART_KINDS
-
-    return "the diffusion model" if slot.kind is None else f"the {PART_KINDS[slot.kind].name}"
+def _needs(slot: Slot, catalog: PartCatalog) -> str:
+    return "the diffusion model" if slot.kind is None else f"the {catalog.kinds[slot.kind].name}"
 
 
-def _check_part(slot: Slot, path: Path, header: Header, family: str) -> str | None:
-    """Check that ``path`` is the part ``slot`` needs; returns a warning for an opaque part, else ``None``.
+def _check_part(
+    slot: Slot, path: Path, header: Header, family: str, catalog: PartCatalog
+) -> tuple[PartMatch | None, str | None]:
+    """Check that ``path`` is the part ``slot`` needs.
 
+    :return: ``(match, warning)``: the detected part (its form), or ``None`` with a warning for a part
+        accepted as an opaque component (copied as it is).
     :raises InvalidFileError: the file is another part, or no part at all.
     """
-    from lorasmith.archs.parts import PART_KINDS, detect_part
+    from lorasmith.archs.parts import detect_part
 
     assert slot.kind is not None
-    found = detect_part(header)
+    found = detect_part(header, catalog)
     if found is not None and found.kind == slot.kind:
-        return None
+        return found, None
     option = slot.option.split("/")[0]
+    needs = _needs(slot, catalog)
     if found is not None:
         raise InvalidFileError(
-            f"{option} {path.name}: is the {found.reason}; {family} needs {_needs(slot)} here",
-            hint=f"give {_needs(slot)} to {option}",
+            f"{option} {path.name}: is the {found.reason}; {family} needs {needs} here",
+            hint=f"give {needs} to {option}",
         )
-    if PART_KINDS[slot.kind].source is None and _describe(path, header) == "no known model part":
+    if catalog.kinds[slot.kind].accept_opaque and _describe(path, header) == "no known model part":
         # Qwen3-4B: keys unknown to this package's data are accepted as an opaque component
-        return f"{path.name}: not verified as the {PART_KINDS[slot.kind].name}; copied as it is"
+        return None, f"{path.name}: not verified as the {catalog.kinds[slot.kind].name}; copied as it is"
     raise InvalidFileError(
-        f"{option} {path.name}: is not {_needs(slot)} (it looks like {_describe(path, header)})",
-        hint=f"give {_needs(slot)} to {option}",
+        f"{option} {path.name}: is not {needs} (it looks like {_describe(path, header)})",
+        hint=f"give {needs} to {option}",
     )
 
 
 @dataclass(frozen=True)
-class _Source:
-    """One tensor to write: read ``key`` from input ``file`` (an index), write it as ``out``."""
+class _Unit:
+    """Tensors to write from one input file: ``conv.reads`` (input keys) become ``writes`` (output keys),
+    through the part kind's canonical tensor when the forms differ (:mod:`._components_forms`)."""
 
     file: int
-    key: str
-    out: str
+    conv: Conversion
+    writes: tuple[str, ...]
     slot: Slot
+
+
+def _units(
+    file: int, convs: Sequence[Conversion], slot: Slot, rename: Callable[[str], str] | None = None
+) -> list[_Unit]:
+    return [_Unit(file, c, tuple(rename(w) for w in c.writes) if rename else c.writes, slot) for c in convs]
+
+
+def _plan(
+    paths: Sequence[Path],
+    units: Sequence[_Unit],
+    headers: Sequence[Header],
+    dtypes: Mapping[str, str | None],
+) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Output key -> (dtype, shape) of every tensor the units write."""
+    plan: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for u in units:
+        infos = [headers[u.file].tensors[k] for k in u.conv.reads]
+        stored = infos[0].dtype
+        if any(i.dtype != stored for i in infos):
+            raise InvalidFileError(
+                f"{paths[u.file].name}: the parts of one tensor have different dtypes "
+                f"({', '.join(u.conv.reads)})",
+                hint="give a file with one dtype per tensor",
+            )
+        shapes = output_shapes(u.conv, [tuple(i.shape) for i in infos])
+        for name, shape in zip(u.writes, shapes, strict=True):
+            if name in plan:
+                raise InvalidFileError(
+                    f"{paths[u.file].name}: tensor {name!r} comes from two inputs",
+                    hint="give each part once (the diffusion model file may already hold it)",
+                )
+            plan[name] = (_target(u.slot, dtypes, stored), shape)
+    return plan
 
 
 def _stream(
     paths: Sequence[Path],
-    sources: Sequence[_Source],
+    units: Sequence[_Unit],
     headers: Sequence[Header],
     output: Path,
     *,
@@ -227,24 +256,15 @@ def _stream(
     stats: CastStats,
     counts: dict[str, int],
     progress: Callable[[str], None],
-    transform: Callable[[_Source, torch.Tensor], torch.Tensor] | None = None,
 ) -> int:
-    """Write ``sources`` (read one tensor at a time) to ``output``; returns the file size."""
+    """Write ``units`` (read one canonical tensor at a time) to ``output``; returns the file size."""
     from contextlib import ExitStack
 
     from lorasmith.io.reader import open_tensors
     from lorasmith.io.writer import SafetensorsWriter
     from lorasmith.ops._convert_dtype import cast_tensor
 
-    plan: dict[str, tuple[str, tuple[int, ...]]] = {}
-    for s in sources:
-        info = headers[s.file].tensors[s.key]
-        if s.out in plan:
-            raise InvalidFileError(
-                f"{paths[s.file].name}: tensor {s.out!r} comes from two inputs",
-                hint="give each part once (the diffusion model file may already hold it)",
-            )
-        plan[s.out] = (_target(s.slot, dtypes, info.dtype), tuple(info.shape))
+    plan = _plan(paths, units, headers, dtypes)
     with (
         SafetensorsWriter(
             output, metadata=dict(metadata), overwrite=overwrite, inputs=list(paths), plan=plan
@@ -252,17 +272,18 @@ def _stream(
         ExitStack() as stack,
     ):
         files = [stack.enter_context(open_tensors(p)) for p in paths]
-        for s in sources:
-            t = files[s.file].get(s.key)
-            if transform is not None:
-                t = transform(s, t)
-            target = plan[s.out][0]
-            new, cs = cast_tensor(t, target if target != headers[s.file].tensors[s.key].dtype else None)
-            stats.add(cs)
-            writer.write(s.out, new)
-            counts[target] = counts.get(target, 0) + 1
-            del t, new
-            progress(s.out)
+        for u in units:
+            stored = headers[u.file].tensors[u.conv.reads[0]].dtype
+            canon = to_canonical([files[u.file].get(k) for k in u.conv.reads], u.conv.entry_in)
+            for name, t in zip(u.writes, from_canonical(canon, u.conv.entry_out), strict=True):
+                target = plan[name][0]
+                new, cs = cast_tensor(t, target if target != stored else None)
+                stats.add(cs)
+                writer.write(name, new)
+                counts[target] = counts.get(target, 0) + 1
+                del t, new
+            del canon
+            progress(u.writes[0])
         return writer.close().file_bytes
 
 
@@ -275,12 +296,14 @@ def _cast_report(stats: CastStats) -> dict[str, int]:
     }
 
 
-def _detect_main(path: Path, header: Header, arch: str | None) -> tuple[Architecture, str | None]:
+def _detect_main(
+    path: Path, header: Header, arch: str | None, catalog: PartCatalog
+) -> tuple[Architecture, str | None]:
     """The family of a diffusion model file (bare or prefixed keys, maybe with other parts in it)."""
     from lorasmith.archs.parts import detect_part
     from lorasmith.registry import get_registry
 
-    part = detect_part(header)
+    part = detect_part(header, catalog)
     if part is not None and arch is None:
         raise InvalidFileError(
             f"--transformer {path.name}: is the {part.reason}, not a diffusion model",
@@ -328,9 +351,10 @@ def assemble(
     """Assemble separate part files into one single-file checkpoint of the family's native layout.
 
     :param parts: slot -> file: ``transformer`` (or ``unet``: the diffusion model, which decides the
-        family), ``vae``, ``clip_l``, ``clip_g``, ``t5xxl``, ``text_encoder``; ``None`` values are ignored.
-        The diffusion model file may already hold other parts (SD3's ``sd3_medium.safetensors`` holds the
-        VAE); a part given twice is an error.
+        family), ``vae``, ``clip_l``, ``clip_g``, ``t5xxl``, ``text_encoder`` (or a plugin family's own slot
+        names); ``None`` values are ignored. Each part may be in any form of its kind (HF or OpenCLIP
+        CLIP-G/CLIP-H, ldm or diffusers VAE). The diffusion model file may already hold other parts (SD3's
+        ``sd3_medium.safetensors`` holds the VAE); a part given twice is an error.
     :param output: the ``.safetensors`` file to write.
     :param arch: force the family of the diffusion model.
     :param dtype: dtype of every floating tensor; ``unet_dtype``/``te_dtype``/``vae_dtype`` per component.
@@ -338,6 +362,7 @@ def assemble(
         given twice.
     :raises UsageError: a slot the family does not have, no diffusion model.
     """
+    from lorasmith.archs.parts import default_catalog
     from lorasmith.io.header import read_header
     from lorasmith.io.writer import check_output_path
 
@@ -353,10 +378,11 @@ def assemble(
             raise InvalidFileError(f"{p}: no such file", hint=f"check the path given for the {slot_name}")
     out = Path(output)
     check_output_path(out, overwrite=overwrite, inputs=list(given.values()))
+    catalog = default_catalog()
     main_path = given[MAIN]
     main_header = read_header(main_path)
-    family, variant = _detect_main(main_path, main_header, arch)
-    slots = layout_for(family.id, variant)
+    family, variant = _detect_main(main_path, main_header, arch, catalog)
+    slots = layout_for(family, variant)
     by_name = {s.name: s for s in slots}
     for name in given:
         if name not in by_name:
@@ -367,24 +393,24 @@ def assemble(
     paths: list[Path] = [main_path]
     headers: list[Header] = [main_header]
     reports = [PartReport(slot=MAIN, path=str(main_path), tensors=len(main_header.tensors))]
-    sources: list[_Source] = []
+    units: list[_Unit] = []
     warnings: list[str] = []
     # the diffusion model file: bare keys get the model prefix; keys already under a slot prefix stay
     verbatim = _verbatim(main_header, family, variant)
     present: set[str] = set()
     main_slot = by_name[MAIN]
     for key in main_header.tensors:
-        slot = None if key in verbatim else _slot_of(key, slots)
+        copy = Conversion((key,), None, (key,), None)
         if key in verbatim:
-            sources.append(_Source(0, key, key, main_slot))
+            units.append(_Unit(0, copy, (key,), main_slot))
             continue
+        slot = _slot_of(key, slots)
         if slot is None:
-            slot = main_slot
-            name = main_slot.prefix + key
+            slot, name = main_slot, main_slot.prefix + key
         else:
             name = key
         present.add(slot.name)
-        sources.append(_Source(0, key, name, slot))
+        units.append(_Unit(0, copy, (name,), slot))
     for slot in slots[1:]:
         path = given.get(slot.name)
         if path is None:
@@ -395,22 +421,31 @@ def assemble(
                 hint=f"drop {slot.option}, or give a diffusion model file without it",
             )
         header = read_header(path)
-        warn = _check_part(slot, path, header, family.id)
+        found, warn = _check_part(slot, path, header, family.id, catalog)
         if warn:
             warnings.append(warn)
-        outer = _outer_keys(slot)
+        # a part in another form than the single file stores (HF CLIP-G for SDXL, a diffusers VAE) is
+        # converted on the way; an opaque part is copied as it is
+        kind = catalog.kinds[slot.kind] if found is not None and slot.kind is not None else None
+        convs = convert_keys(
+            kind,
+            found.form if found is not None else None,
+            slot.form,
+            list(header.tensors),
+            f"{slot.option.split('/')[0]} {path.name}",
+        )
         idx = len(paths)
         paths.append(path)
         headers.append(header)
         reports.append(
             PartReport(slot=slot.name, kind=slot.kind, path=str(path), tensors=len(header.tensors))
         )
-        sources.extend(_Source(idx, k, _single_key(k, slot, outer), slot) for k in header.tensors)
+        units.extend(_units(idx, convs, slot, partial(_single_key, slot=slot)))
         present.add(slot.name)
     for slot in slots:
         if slot.required and slot.name not in present:
             raise InvalidFileError(
-                f"{family.id} needs {_needs(slot)}: give {slot.option} FILE",
+                f"{family.id} needs {_needs(slot, catalog)}: give {slot.option} FILE",
                 hint=f"a {family.id} single file holds " + ", ".join(s.name for s in slots if s.required),
             )
     meta = _clean_meta(main_header.metadata)
@@ -419,7 +454,7 @@ def assemble(
     )
     stats = CastStats()
     counts: dict[str, int] = {}
-    total = len(sources)
+    total = len(units)
     done = 0
 
     def tick(name: str) -> None:
@@ -429,7 +464,7 @@ def assemble(
 
     size = _stream(
         paths,
-        sources,
+        units,
         headers,
         out,
         dtypes=dts,
@@ -444,7 +479,11 @@ def assemble(
         arch=family.id,
         variant=variant,
         inputs=reports,
-        outputs=[PartReport(slot="checkpoint", path=str(out), tensors=total, file_bytes=size)],
+        outputs=[
+            PartReport(
+                slot="checkpoint", path=str(out), tensors=sum(len(u.writes) for u in units), file_bytes=size
+            )
+        ],
         dtypes=dict(sorted(counts.items())),
         cast=_cast_report(stats),
         warnings=warnings,
@@ -476,13 +515,15 @@ def split(
 
     The diffusion model is written as ``<checkpoint name>.safetensors`` with bare keys (and the checkpoint's
     metadata); the others as ``ae.safetensors``/``vae.safetensors``, ``clip_l.safetensors``,
-    ``clip_g.safetensors``, ``t5xxl_<dtype>.safetensors``, ``qwen_3_4b.safetensors`` (see
-    :mod:`lorasmith.ops._components_layouts`). Keys outside every part (schedule buffers) stay with the
-    diffusion model under their full names, listed in its metadata so that :func:`assemble` restores them.
+    ``clip_g.safetensors``, ``clip_h.safetensors``, ``t5xxl_<dtype>.safetensors``, ``qwen_3_4b.safetensors``
+    (see :mod:`lorasmith.ops._components_layouts`), each in its kind's file form (SDXL's OpenCLIP-G and
+    SD2's OpenCLIP-H in HF form). Keys outside every part (schedule buffers) stay with the diffusion model
+    under their full names, listed in its metadata so that :func:`assemble` restores them.
 
     :raises InvalidFileError: not a checkpoint, or no diffusion model in it.
     :raises OutputExistsError: an output file exists (without ``overwrite``).
     """
+    from lorasmith.archs.parts import default_catalog
     from lorasmith.io.header import read_header
     from lorasmith.io.writer import check_output_path
     from lorasmith.registry import get_registry
@@ -501,7 +542,8 @@ def split(
     if det.kind in ("lora", "mixed"):
         raise InvalidFileError(f"{src.name}: is a LoRA, not a checkpoint", hint="split takes a checkpoint")
     family = reg.get(det.arch)
-    slots = layout_for(family.id, det.variant)
+    catalog = default_catalog()
+    slots = layout_for(family, det.variant)
     groups: dict[str, list[str]] = {}
     verbatim: list[str] = []
     for key in header.tensors:
@@ -515,22 +557,43 @@ def split(
             f"{src.name}: holds no diffusion model under {slots[0].prefix!r}",
             hint="split takes a single-file checkpoint (model.diffusion_model.* keys)",
         )
-    jobs: list[tuple[Slot, Path, list[str]]] = []
+    jobs: list[tuple[Slot, Path, list[_Unit]]] = []
     for slot in slots:
         keys = groups.get(slot.name)
         if not keys:
             continue
+        if slot.kind is None:
+            units = [
+                _Unit(
+                    0, Conversion((k,), None, (k,), None), (k if k in verbatim else _part_key(k, slot),), slot
+                )
+                for k in keys
+            ]
+        else:
+            # the part as the separate distributions key it: the kind's file form (HF CLIP for SDXL's
+            # OpenCLIP-G and SD2's OpenCLIP-H), converted from the form the single file stores
+            full = {_part_key(k, slot): k for k in keys}
+            convs = convert_keys(catalog.kinds[slot.kind], slot.form, None, list(full), src.name)
+            units = [
+                _Unit(
+                    0,
+                    Conversion(tuple(full[r] for r in c.reads), c.entry_in, c.writes, c.entry_out),
+                    c.writes,
+                    slot,
+                )
+                for c in convs
+            ]
         word = None
         if slot.name == "t5xxl":
             stored = [_target(slot, dts, header.tensors[k].dtype) for k in keys]
             common = max(set(stored), key=stored.count)
             word = _DTYPE_WORD.get(common)
-        jobs.append((slot, folder / _file_name(slot, src.stem, word), keys))
-    for _slot, path, _keys in jobs:
+        jobs.append((slot, folder / _file_name(slot, src.stem, word), units))
+    for _slot, path, _todo in jobs:
         check_output_path(path, overwrite=overwrite, inputs=[src])
     stats = CastStats()
     counts: dict[str, int] = {}
-    total = len(header.tensors)
+    total = sum(len(u) for _s, _p, u in jobs)
     done = 0
 
     def tick(name: str) -> None:
@@ -539,17 +602,16 @@ def split(
         cb(ProgressEvent("splitting", done, total, name))
 
     outputs: list[PartReport] = []
-    for slot, path, keys in jobs:
+    for slot, path, units in jobs:
         is_main = slot.name == MAIN
         meta = _clean_meta(header.metadata) if is_main else {}
-        kept = [k for k in keys if is_main and k in verbatim]
+        kept = [k for u in units for k in u.writes if is_main and k in verbatim]
         if kept:
             meta[VERBATIM_KEY] = json.dumps(kept, separators=(",", ":"))
         meta[RECORD_KEY] = json.dumps({"split_from": src.name, "part": slot.name}, separators=(",", ":"))
-        sources = [_Source(0, k, k if k in kept else _part_key(k, slot), slot) for k in keys]
         size = _stream(
             [src],
-            sources,
+            units,
             [header],
             path,
             dtypes=dts,
@@ -560,13 +622,19 @@ def split(
             progress=tick,
         )
         outputs.append(
-            PartReport(slot=slot.name, kind=slot.kind, path=str(path), tensors=len(keys), file_bytes=size)
+            PartReport(
+                slot=slot.name,
+                kind=slot.kind,
+                path=str(path),
+                tensors=sum(len(u.writes) for u in units),
+                file_bytes=size,
+            )
         )
     return ComponentsResult(
         mode="split",
         arch=family.id,
         variant=det.variant,
-        inputs=[PartReport(slot="checkpoint", path=str(src), tensors=total)],
+        inputs=[PartReport(slot="checkpoint", path=str(src), tensors=len(header.tensors))],
         outputs=outputs,
         dtypes=dict(sorted(counts.items())),
         cast=_cast_report(stats),

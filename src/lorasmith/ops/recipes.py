@@ -7,6 +7,11 @@ its files can move together. See ``docs/merge.md`` for examples.
 
 Validation is pydantic's; every problem becomes one line ``FILE: FIELD: what is wrong`` (``FIELD`` as
 ``loras[1].ratio``) in one :class:`RecipeError` (exit code 1).
+
+A bake recipe may also name text encoders kept in separate files, as ``merge --base`` takes them:
+``clip_l``/``clip_l_out``, ``clip_g``/``clip_g_out``, ``t5xxl``/``t5xxl_out``,
+``text_encoder``/``text_encoder_out`` (each input with its output); :func:`run_recipe` then bakes through
+:func:`lorasmith.ops.components.bake_parts`.
 """
 
 from __future__ import annotations
@@ -15,13 +20,44 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from lorasmith.errors import InvalidFileError, LorasmithError
+from lorasmith.progress import ProgressCallback
 
-__all__ = ["MergeRecipe", "RecipeError", "RecipeInput", "load_recipe", "recipe_arguments"]
+if TYPE_CHECKING:
+    from lorasmith.ops.components import ComponentsResult
+    from lorasmith.ops.merge import MergeResult
+
+__all__ = [
+    "PART_FIELDS",
+    "MergeRecipe",
+    "RecipeError",
+    "RecipeInput",
+    "load_recipe",
+    "recipe_arguments",
+    "recipe_parts",
+    "run_recipe",
+]
+
+#: Separate text-encoder files a bake recipe may name: field -> its output field (``merge --clip-l F
+#: --clip-l-out O``).
+PART_FIELDS: dict[str, str] = {
+    "clip_l": "clip_l_out",
+    "clip_g": "clip_g_out",
+    "t5xxl": "t5xxl_out",
+    "text_encoder": "text_encoder_out",
+}
 
 
 class RecipeError(LorasmithError):
@@ -101,6 +137,16 @@ class MergeRecipe(BaseModel):
     ) = None
     strict: bool = False
     overwrite: bool = False
+    clip_l: str | None = Field(None, min_length=1)
+    clip_l_out: str | None = Field(None, min_length=1)
+    clip_g: str | None = Field(None, min_length=1)
+    clip_g_out: str | None = Field(None, min_length=1)
+    t5xxl: str | None = Field(None, min_length=1)
+    t5xxl_out: str | None = Field(None, min_length=1)
+    text_encoder: str | None = Field(None, min_length=1)
+    text_encoder_out: str | None = Field(None, min_length=1)
+    #: the recipe file, for messages (set by :func:`load_recipe`)
+    _source: str = PrivateAttr(default="recipe")
 
     @model_validator(mode="after")
     def _one_mode(self) -> MergeRecipe:
@@ -111,6 +157,24 @@ class MergeRecipe(BaseModel):
         if not self.models and not self.loras:
             raise ValueError("nothing to merge: give loras (and base to bake them) or models")
         return self
+
+    def part_problems(self) -> list[str]:
+        """``FIELD: problem`` for each text-encoder part field that does not fit (an input without its
+        output or the reverse, parts without ``base``); empty when they fit."""
+        out: list[str] = []
+        for name, out_name in PART_FIELDS.items():
+            src, dst = getattr(self, name), getattr(self, out_name)
+            if src is not None and dst is None:
+                out.append(f"{out_name}: missing: the baked {name} needs an output file")
+            elif dst is not None and src is None:
+                out.append(f"{name}: missing: {out_name} needs the {name} file to bake")
+            elif src is not None and self.base is None:
+                out.append(f"{name}: separate text-encoder files are baked with base (and loras)")
+        return out
+
+    def has_parts(self) -> bool:
+        """Whether the recipe names separate text-encoder files."""
+        return any(getattr(self, n) is not None for n in (*PART_FIELDS, *PART_FIELDS.values()))
 
     def blocks_text(self) -> str | None:
         """``blocks`` as the ``--blocks`` text."""
@@ -174,9 +238,17 @@ def load_recipe(path: str | os.PathLike[str]) -> MergeRecipe:
     # option spellings of the command line (save-dtype, unet-only) are accepted as well
     fields = {(k.replace("-", "_") if isinstance(k, str) else k): v for k, v in data.items()}
     try:
-        return MergeRecipe.model_validate(fields)
+        recipe = MergeRecipe.model_validate(fields)
     except ValidationError as exc:
         raise RecipeError(_problems(p, exc), hint="see docs/merge.md for the recipe fields") from None
+    problems = recipe.part_problems()
+    if problems:
+        raise RecipeError(
+            [f"{p}: {line}" for line in problems],
+            hint="give each text-encoder file with its output (clip_l: F and clip_l_out: O) and a base",
+        )
+    recipe._source = str(p)
+    return recipe
 
 
 def _resolve(folder: Path, name: str) -> str:
@@ -196,8 +268,24 @@ def recipe_arguments(
 
     :param folder: relative paths are resolved against it (the recipe's folder).
     :param output: the output to use when the recipe has none.
-    :raises RecipeError: neither the recipe nor ``output`` names an output.
+    :raises RecipeError: neither the recipe nor ``output`` names an output; the recipe names separate
+        text-encoder files, which :func:`~lorasmith.ops.merge.merge` does not take (use :func:`run_recipe`).
     """
+    if recipe.has_parts():
+        fields = [n for n in (*PART_FIELDS, *PART_FIELDS.values()) if getattr(recipe, n) is not None]
+        raise RecipeError(
+            [
+                f"{recipe._source}: {fields[0]}: separate text-encoder files are baked by "
+                "lorasmith.ops.recipes.run_recipe, not by merge() arguments"
+            ],
+            hint="meanwhile bake them with: lorasmith merge --base MODEL LORA --clip-l F --clip-l-out O ...",
+        )
+    return _merge_arguments(recipe, folder, output)
+
+
+def _merge_arguments(
+    recipe: MergeRecipe, folder: str | os.PathLike[str], output: str | None
+) -> dict[str, Any]:
     base = Path(folder)
     out = _resolve(base, recipe.output) if recipe.output is not None else output
     if out is None:
@@ -223,3 +311,59 @@ def recipe_arguments(
         "strict": recipe.strict,
         "overwrite": recipe.overwrite,
     }
+
+
+def recipe_parts(recipe: MergeRecipe, folder: str | os.PathLike[str]) -> dict[str, tuple[str, str]]:
+    """The separate text-encoder files of a bake recipe: slot -> ``(input, output)``, paths resolved
+    against ``folder`` (the ``parts`` argument of :func:`lorasmith.ops.components.bake_parts`)."""
+    base = Path(folder)
+    out: dict[str, tuple[str, str]] = {}
+    for name, out_name in PART_FIELDS.items():
+        src, dst = getattr(recipe, name), getattr(recipe, out_name)
+        if src is not None and dst is not None:
+            out[name] = (_resolve(base, src), _resolve(base, dst))
+    return out
+
+
+def run_recipe(
+    recipe: MergeRecipe,
+    folder: str | os.PathLike[str],
+    output: str | os.PathLike[str] | None = None,
+    *,
+    overwrite: bool = False,
+    progress: ProgressCallback | None = None,
+) -> MergeResult | ComponentsResult:
+    """Run a recipe: :func:`~lorasmith.ops.merge.merge`, or
+    :func:`~lorasmith.ops.components.bake_parts` when it names separate text-encoder files.
+
+    :param folder: relative paths are resolved against it (the recipe's folder).
+    :param output: an output given apart (the command line's ``-o``); it wins over the recipe's.
+    :param overwrite: replace existing outputs (also when the recipe says so).
+    :raises RecipeError: no output anywhere.
+    :raises LorasmithError: what the merge or the bake raises.
+    """
+    args = _merge_arguments(recipe, folder, None if output is None else str(output))
+    if output is not None:
+        args["output"] = str(output)
+    args["overwrite"] = bool(args["overwrite"] or overwrite)
+    parts = recipe_parts(recipe, folder)
+    if parts:
+        from lorasmith.ops.components import bake_parts
+
+        assert args["base"] is not None  # load_recipe checked it
+        return bake_parts(
+            args["base"],
+            args["loras"],
+            args["output"],
+            parts=parts,
+            arch=args["arch"],
+            blocks=args["blocks"],
+            precision=args["precision"],
+            save_dtype=args["save_dtype"],
+            strict=args["strict"],
+            overwrite=args["overwrite"],
+            progress=progress,
+        )
+    from lorasmith.ops.merge import merge
+
+    return merge(**args, progress=progress)

@@ -7,6 +7,11 @@ integer ``position_ids`` tensor and a 0-d ``logit_scale``, two LoRA spellings (`
 one block notation. The text encoder is the same in both variants, so a text-encoder-only LoRA cannot tell
 them apart (as with SD1/SD2 UNet-only LoRAs).
 
+It also declares its separate parts as a plugin does (:attr:`ToyArch.part_kinds`,
+:attr:`ToyArch.component_parts`): the text encoder ships as ``toy_te.safetensors`` (part kind ``toy_te``,
+keys as under ``text_encoder.`` in the single file), which ``convert --split``/``--assemble``, ``inspect`` and
+``merge --base ... --text-encoder F --text-encoder-out O`` then handle like a built-in part.
+
 It is not registered by default. Register it in a test with::
 
     from lorasmith.registry import Registry
@@ -25,6 +30,7 @@ from functools import cached_property
 from typing import ClassVar
 
 from lorasmith.archs.base import Alias, Architecture, Inventory, Target, TensorSpec, first_index, kohya_name
+from lorasmith.archs.parts import PartKind, PartSlot, diffusion_model_slot
 from lorasmith.hookspecs import hookimpl
 
 #: Real (unshrunk) sizes of the toy model; all multiples of 64 except the kernel, latent and token sizes.
@@ -56,6 +62,15 @@ def _te_tensors() -> Iterator[tuple[str, tuple[int, ...], str]]:
         yield f"layers.{n}.mlp.fc2.weight", (TE_HIDDEN, TE_MLP), "F32"
         yield f"layers.{n}.mlp.fc2.bias", (TE_HIDDEN,), "F32"
     yield "logit_scale", (), "F32"
+
+
+def te_part_tensors() -> Mapping[str, TensorSpec]:
+    """The tensors of the toy text encoder as a separate file (the :attr:`PartKind.tensors` of ``toy_te``)."""
+    return {k: TensorSpec(s, d) for k, s, d in _te_tensors()}
+
+
+#: The toy text encoder as a separate part file (a plugin's own part kind).
+TOY_TE = PartKind("toy_te", "toy text encoder", te_part_tensors)
 
 
 def _canon_unet(blocks: int) -> Iterator[tuple[str, tuple[int, ...]]]:
@@ -149,6 +164,11 @@ class ToyArch(Architecture):
     spellings: ClassVar[tuple[str, ...]] = ("kohya", "peft")
     modelspec: ClassVar[Mapping[str, str]] = {"small": "toy-small", "large": "toy-large"}
     base_model_version: ClassVar[Mapping[str, str]] = {"small": "toy_small", "large": "toy_large"}
+    part_kinds: ClassVar[tuple[PartKind, ...]] = (TOY_TE,)
+    component_parts: ClassVar[tuple[PartSlot, ...]] = (
+        diffusion_model_slot(UNET_PREFIX),
+        PartSlot("text_encoder", "toy_te", TE_PREFIX, "toy_te.safetensors"),
+    )
 
     @cached_property
     def _toy_inventories(self) -> tuple[Inventory, ...]:
