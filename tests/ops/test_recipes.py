@@ -230,3 +230,32 @@ def test_cli_never_drops_text_encoder_files(tmp_path: Path) -> None:
     # refused with one error line (or baked with the text encoder): never a bake that leaves it out
     assert res.exit_code == 1 and "Traceback" not in res.output, res.output
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_cli_recipe_bakes_separate_text_encoders(tmp_path: Path) -> None:
+    """``merge --recipe`` with text-encoder fields runs the components bake and reports every output."""
+    import json
+
+    from test_components import _te_lora, flux_parts, same
+
+    from lorasmith.ops.recipes import run_recipe
+
+    flux_parts(tmp_path)
+    _te_lora("flux", tmp_path / "lora.safetensors")
+    (tmp_path / "cli").mkdir()
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "r.yaml").write_text(
+        "base: flux1-dev.safetensors\nloras: [lora.safetensors:0.7]\noutput: cli/t.safetensors\n"
+        "clip_l: clip_l.safetensors\nclip_l_out: cli/clip_l.safetensors\n"
+    )
+    res = runner.invoke(app, ["merge", "--recipe", str(tmp_path / "r.yaml"), "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["mode"] == "bake" and len(report["outputs"]) == 2
+    (tmp_path / "r2.yaml").write_text((tmp_path / "r.yaml").read_text().replace("cli/", "lib/"))
+    run_recipe(load_recipe(tmp_path / "r2.yaml"), tmp_path)
+    same(tmp_path / "cli" / "t.safetensors", tmp_path / "lib" / "t.safetensors")
+    same(tmp_path / "cli" / "clip_l.safetensors", tmp_path / "lib" / "clip_l.safetensors")
+    # text-encoder options on the command line clash with --recipe
+    res = runner.invoke(app, ["merge", "--recipe", str(tmp_path / "r.yaml"), "--clip-l", "x.safetensors"])
+    assert res.exit_code == 2 and "--clip-l" in res.output

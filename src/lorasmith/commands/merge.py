@@ -114,7 +114,7 @@ def command(
     from lorasmith.ops.merge import merge
 
     if recipe is not None:
-        from lorasmith.ops.recipes import load_recipe, recipe_arguments
+        from lorasmith.ops.recipes import load_recipe, run_recipe
 
         given = {
             "FILES": bool(loras),
@@ -130,23 +130,40 @@ def command(
             "--save-dtype": save_dtype is not None,
             "--strict": strict,
             "--arch": arch is not None,
+            "--precision": precision != "float32",
+            "--clip-l": clip_l is not None,
+            "--clip-l-out": clip_l_out is not None,
+            "--clip-g": clip_g is not None,
+            "--clip-g-out": clip_g_out is not None,
+            "--t5xxl": t5xxl is not None,
+            "--t5xxl-out": t5xxl_out is not None,
+            "--text-encoder": text_encoder is not None,
+            "--text-encoder-out": text_encoder_out is not None,
         }
         clash = [name for name, on in given.items() if on]
         if clash:
             raise UsageError(
                 f"--recipe takes the merge from the file; also given: {', '.join(clash)}",
-                hint="put these in the recipe (only -o, --overwrite, --json and -q combine with --recipe)",
+                hint="put these in the recipe (-o, --overwrite, --verify, --allow-nonfinite, --json and -q "
+                "combine with --recipe)",
             )
-        args = recipe_arguments(load_recipe(recipe), recipe.parent, None if output is None else str(output))
-        if output is not None:  # -o given on the command line wins over the recipe's output
-            args["output"] = str(output)
-        args["overwrite"] = args["overwrite"] or overwrite
+        from lorasmith.ops.merge import MergeResult
+
         with (
             write_checks(allow_nonfinite=allow_nonfinite, verify=verify),
             cli_progress(enabled=not quiet and not as_json) as progress,
         ):
-            result = merge(**args, progress=progress)
-        emit(result, as_json, render)
+            # -o given on the command line wins over the recipe's output; text-encoder files in the recipe
+            # make it a bake into separate files
+            done = run_recipe(
+                load_recipe(recipe), recipe.parent, output, overwrite=overwrite, progress=progress
+            )
+        if isinstance(done, MergeResult):
+            emit(done, as_json, render)
+        else:
+            from lorasmith.commands._components import render as render_parts
+
+            emit(done, as_json, render_parts)
         return
 
     te_parts = {
