@@ -259,6 +259,15 @@ def test_randomized_svd_float32_estimate() -> None:
     assert svd.rel_error == pytest.approx(true_error, abs=2e-3)
 
 
+def test_randomized_svd_float32_small_error_is_not_lost() -> None:
+    """A 1% error is a 1e-4 difference of squares: a float32 norm of the matrix used to report 0."""
+    m = planted(1280, 1280, 64, 1e-2, seed=3, dtype=torch.float32)
+    svd = randomized_svd(m, 64, seed=0)
+    true_error = float((m.double() - svd.reconstruct().double()).norm() / m.double().norm())
+    assert true_error > 5e-3
+    assert svd.rel_error == pytest.approx(true_error, rel=0.05)
+
+
 def test_randomized_svd_caps_and_conv() -> None:
     w = randn(6, 2, 3, 3, seed=25)
     svd = randomized_svd(w, 50, seed=0)

@@ -486,7 +486,9 @@ def randomized_svd(
     vh = vh[:k, :]
     u, vh = _canonical_signs(u, vh)
 
-    fro = float(torch.linalg.vector_norm(mat))
+    # float64: the error below is a difference of two nearly equal squares, so a float32 norm (off by
+    # ~1e-7 relative, i.e. 2e-7 of ||M||^2) would swamp an error of 1e-2 (1e-4 of ||M||^2) entirely
+    fro = float(torch.linalg.vector_norm(mat, dtype=torch.float64))
     if fro == 0.0:
         rel_error = 0.0
     else:
