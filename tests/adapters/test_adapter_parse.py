@@ -170,6 +170,16 @@ BAD = [
     ({".lora_down.weight": (2, 3), ".lora_up.weight": (5, 2), ".diff_b": (4,)}, "diff_b has 4 entries"),
     ({".w_norm": (4,), ".dora_scale": (4, 1)}, "norm-layer"),
     ({".diff": (4, 3), ".diff_b": (4, 1)}, "diff_b must be 1-d"),
+    # empty tensors: nothing to apply, and no rank for alpha to divide
+    ({".lora_down.weight": (0, 3), ".lora_up.weight": (5, 0)}, r"rank 0 \(empty factors: lora_down"),
+    ({".lora_down.weight": (0, 3, 3, 3), ".lora_up.weight": (5, 0, 1, 1)}, "rank 0"),
+    ({".lora_A.weight": (0, 3), ".lora_B.weight": (5, 0), ".alpha": ()}, "rank 0"),
+    (
+        {".lora_down.weight": (2, 0), ".lora_up.weight": (5, 2)},
+        r"empty tensor\(s\): lora_down.weight \[2, 0\]",
+    ),
+    ({".hada_w1_a": (4, 0), ".hada_w1_b": (0, 3), ".hada_w2_a": (4, 2), ".hada_w2_b": (2, 3)}, "empty"),
+    ({".diff": (0, 3)}, "empty tensor"),
 ]
 
 
@@ -197,3 +207,16 @@ def test_non_float_factor_and_non_tensor() -> None:
         )
     with pytest.raises(AdapterError, match="not a tensor"):
         parse_module("m", {".lora_down.weight": [[1.0]], ".lora_up.weight": rnd(5, 2)})  # type: ignore[dict-item]
+
+
+def test_a_hand_built_rank_0_lora_module_does_not_crash() -> None:
+    """parse_module refuses rank 0; a LoraModule built directly still flattens its factors (no ``-1``)."""
+    from lorasmith.adapters.lora import LoraModule
+    from lorasmith.adapters.summary import analyze
+
+    summary = analyze("m", {".lora_down.weight": (2, 3, 3, 3), ".lora_up.weight": (5, 2, 1, 1)})
+    empty = {"down": torch.ones(0, 3, 3, 3, dtype=F64), "up": torch.ones(5, 0, 1, 1, dtype=F64)}
+    module = LoraModule(summary, empty, None, 1.0)
+    low = module.lowrank()
+    assert low is not None and tuple(low.down.shape) == (0, 27)
+    assert torch.equal(module.delta(dtype=F64), torch.zeros(5, 3, 3, 3, dtype=F64))

@@ -83,3 +83,12 @@ def test_summary_errors_and_unknown_dtype() -> None:
         module_summary("m", {".lora_down.weight": ((4, 8), "F16"), ".lora_up.weight": ((16, 3), "F16")})
     s = module_summary("m", {".lora_down.weight": ((4, 8), "F16"), ".lora_up.weight": ((16, 4), "X9")})
     assert s.tensor_bytes is None
+
+
+def test_rank_0_is_refused_from_the_header_alone() -> None:
+    """The header-level check and parse_module agree: a rank-0 module is an error, with a hint."""
+    with pytest.raises(AdapterError, match=r"adapter module 'm': rank 0") as info:
+        module_summary("m", {".lora_down.weight": ((0, 8), "F16"), ".lora_up.weight": ((16, 0), "F16")})
+    assert info.value.hint
+    with pytest.raises(AdapterError, match="rank 0"):
+        parse_module("m", {".lora_down.weight": torch.ones(0, 8), ".lora_up.weight": torch.ones(16, 0)})

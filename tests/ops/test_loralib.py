@@ -9,12 +9,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lorasmith.errors import ArchMismatchError, InvalidFileError, LorasmithError
+from lorasmith.errors import AdapterError, ArchMismatchError, InvalidFileError, LorasmithError
 from lorasmith.io.writer import save_file as ls_save_file
 from lorasmith.ops.loralib import (
     encode_unit,
     expand_inputs,
     expected_file_bytes,
+    file_context,
     format_number,
     load_lora,
     lora_tensor_specs,
@@ -248,17 +249,83 @@ def test_output_metadata() -> None:
         output_metadata({}, linear=[], conv=[], record_key="resize", record={})
 
 
-def test_a_rank_0_module_is_a_clear_error(tmp_path: Path) -> None:
+def _broken(tmp_path: Path, name: str, change) -> tuple[Path, str]:  # type: ignore[no-untyped-def]
+    """An SDXL LoRA with one module changed by ``change(tensors, module)``; returns (path, module)."""
     fx = make_lora(fam("sdxl"), tmp_path / "a.safetensors", rank=2, limit=3)
     tensors = dict(fx.tensors)
-    name = next(iter(fx.modules))
-    tensors[name + ".lora_down.weight"] = tensors[name + ".lora_down.weight"][:0].contiguous()
-    tensors[name + ".lora_up.weight"] = tensors[name + ".lora_up.weight"][:, :0].contiguous()
-    save_file(tensors, str(tmp_path / "zero.safetensors"))
-    with load_lora(tmp_path / "zero.safetensors") as f:  # loading accepts it (convert copies it)...
-        with pytest.raises(LorasmithError, match="has rank 0"):  # ...ops that decompose refuse it
-            f.check_no_empty_modules()
+    module = next(iter(fx.modules))
+    change(tensors, module)
+    path = tmp_path / name
+    save_file(tensors, str(path))
+    return path, module
+
+
+def _zero_rank(t: dict[str, torch.Tensor], m: str) -> None:
+    t[m + ".lora_down.weight"] = t[m + ".lora_down.weight"][:0].contiguous()
+    t[m + ".lora_up.weight"] = t[m + ".lora_up.weight"][:, :0].contiguous()
+
+
+def test_a_rank_0_module_is_refused_on_loading(tmp_path: Path) -> None:
+    """The shared loader refuses it, so every command does (resize, merge, extract, convert)."""
+    path, module = _broken(tmp_path, "zero.safetensors", _zero_rank)
+    with pytest.raises(AdapterError, match="rank 0") as info:
+        load_lora(path)
+    assert info.value.message.startswith(f"{path}: adapter module {module!r}: rank 0")
+    assert "\n" not in info.value.message and info.value.hint
+    from lorasmith.ops.convert import convert
     from lorasmith.ops.resize import resize
 
-    with pytest.raises(LorasmithError, match="has rank 0"):
-        resize([tmp_path / "zero.safetensors"], output=tmp_path / "o.safetensors", rank=1)
+    with pytest.raises(AdapterError, match="rank 0"):
+        resize([path], output=tmp_path / "o.safetensors", rank=1)
+    with pytest.raises(AdapterError, match="rank 0"):
+        convert(path, tmp_path / "c.safetensors", dtype="fp16")
+    assert not (tmp_path / "o.safetensors").exists() and not (tmp_path / "c.safetensors").exists()
+
+
+def _rank_mismatch(t: dict[str, torch.Tensor], m: str) -> None:
+    t[m + ".lora_down.weight"] = t[m + ".lora_down.weight"][:1].contiguous()
+
+
+def _only_down(t: dict[str, torch.Tensor], m: str) -> None:
+    del t[m + ".lora_up.weight"]
+
+
+def _alpha_matrix(t: dict[str, torch.Tensor], m: str) -> None:
+    t[m + ".alpha"] = torch.ones(2, 2)
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        (_rank_mismatch, "rank mismatch"),
+        (_only_down, "only one LoRA factor"),
+        (_alpha_matrix, "alpha must be a 0-d or 1-element tensor"),
+    ],
+)
+def test_structure_errors_name_the_file_and_the_module(tmp_path: Path, change, problem: str) -> None:  # type: ignore[no-untyped-def]
+    path, module = _broken(tmp_path, "bad.safetensors", change)
+    with pytest.raises(AdapterError, match=problem) as info:
+        load_lora(path)
+    assert info.value.message.startswith(f"{path}: adapter module {module!r}: ")
+
+
+def test_data_errors_name_the_file_when_a_module_is_read(tmp_path: Path) -> None:
+    """What only the data shows (a NaN alpha) is found by read_module, and names the file too."""
+
+    def nan_alpha(t: dict[str, torch.Tensor], m: str) -> None:
+        t[m + ".alpha"] = torch.tensor(float("nan"))
+
+    path, module = _broken(tmp_path, "nan_alpha.safetensors", nan_alpha)
+    with load_lora(path) as f, pytest.raises(AdapterError, match="alpha is nan") as info:
+        f.read_module(module)
+    assert info.value.message.startswith(f"{path}: adapter module {module!r}: ")
+
+
+def test_file_context_prefixes_once() -> None:
+    with pytest.raises(AdapterError) as info, file_context("a.safetensors"), file_context("a.safetensors"):
+        raise AdapterError("adapter module 'm': broken", hint="h")
+    assert info.value.message == "a.safetensors: adapter module 'm': broken"
+    assert info.value.hint == "h"
+    with pytest.raises(LorasmithError) as other, file_context("a.safetensors"):
+        raise LorasmithError("not an adapter error")
+    assert other.value.message == "not an adapter error"

@@ -44,7 +44,9 @@ class LoraModule(AdapterModule):
         if self.mid is not None:
             down = self.down.reshape(self.down.shape[0], self.down.shape[1])
         else:
-            down = self.down.reshape(self.down.shape[0], -1)
+            # explicit column count, not -1: reshape cannot infer -1 for a 0-element tensor (parse_module
+            # refuses rank 0, but a module built by hand should fail where its shape is checked, not here)
+            down = self.down.reshape(self.down.shape[0], math.prod(self.down.shape[1:]))
         return LowRank(
             up=up, down=down, scale=self.scale, mid=self.mid, kernel=self.kernel, out_shape=out_shape
         )

@@ -230,8 +230,9 @@ def analyze(name: str, shapes: Mapping[str, Sequence[int]]) -> ModuleSummary:
     """Classify and validate one module from its ``{suffix: shape}`` alone.
 
     :raises AdapterError: unknown or conflicting suffixes, a missing factor, mismatched ranks, a tensor
-        of the wrong number of dimensions, an alpha that is not a scalar, a DoRA magnitude whose shape
-        fits neither axis, or a module whose algorithm cannot be told.
+        of the wrong number of dimensions, an alpha that is not a scalar, an empty tensor (LoRA factors of
+        rank 0), a DoRA magnitude whose shape fits neither axis, or a module whose algorithm cannot be
+        told.
     """
     norm_shapes: dict[str, tuple[int, ...]] = {}
     roles: dict[str, str] = {}
@@ -278,6 +279,7 @@ def analyze(name: str, shapes: Mapping[str, Sequence[int]]) -> ModuleSummary:
 
     if "alpha" in shp and shp["alpha"] not in ((), (1,)):
         raise _fail(name, f"alpha must be a 0-d or 1-element tensor, got shape {list(shp['alpha'])}")
+    _check_not_empty(name, kind, shp, roles)
 
     analyser: Callable[[str, Mapping[str, tuple[int, ...]]], _Info] = {
         "lora": _lora,
@@ -370,6 +372,28 @@ def _ndim(
     if not ok:
         want = f"{at_least}+" if at_least is not None else "/".join(str(a) for a in allowed or ())
         raise _fail(name, f"{role} must be {want}-d, got shape {list(shape)}")
+
+
+def _check_not_empty(
+    name: str, kind: str, shp: Mapping[str, tuple[int, ...]], roles: Mapping[str, str]
+) -> None:
+    """Refuse a module with an empty tensor (a zero dimension), e.g. LoRA factors of rank 0.
+
+    Such a module has no delta to apply or decompose, and the shape arithmetic downstream (flattening a
+    0-element ``down`` to ``[0, -1]``, ``alpha / rank``) has no defined answer; every trainer writes a
+    rank of at least 1, so an empty factor means a damaged file or a broken tool.
+    """
+    empty = [role for role, shape in shp.items() if 0 in shape]
+    if not empty:
+        return
+    listed = ", ".join(f"{roles[role].lstrip('._')} {list(shp[role])}" for role in sorted(empty))
+    up, down = shp.get("up"), shp.get("down")
+    rank0 = kind == "lora" and (
+        (up is not None and len(up) > 1 and up[1] == 0)
+        or (down is not None and len(down) > 0 and down[0] == 0)
+    )
+    problem = f"rank 0 (empty factors: {listed})" if rank0 else f"empty tensor(s): {listed}"
+    raise _fail(name, problem, "the file is damaged or was written by a broken tool; export it again")
 
 
 def _lora(name: str, shp: Mapping[str, tuple[int, ...]]) -> _Info:

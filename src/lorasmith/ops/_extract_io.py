@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from lorasmith.archs.base import STRIP_PREFIXES, Architecture, Detection, Inventory, Target
+from lorasmith.archs.base import STRIP_PREFIXES, Architecture, Detection, Inventory, Target, lora_modules
 from lorasmith.errors import (
     ArchMismatchError,
     DetectionError,
@@ -126,6 +126,8 @@ class LoraInput:
     """A LoRA whose materialised delta stands for a fine-tune (``--tuned`` / ``--tuned2`` given a LoRA).
 
     :ivar targets: canonical key -> ``(module name, target)`` of every module that lands on it.
+    :ivar own_arch: the family the LoRA's own keys name, detected without forcing one (``None`` when
+        detection alone cannot tell); ``arch`` is the family it is read as (the base's).
     """
 
     path: Path
@@ -134,6 +136,7 @@ class LoraInput:
     lora: object  # a lorasmith.ops.loralib.LoraFile (kept untyped to avoid importing it at module level)
     targets: dict[str, list[tuple[str, Target]]] = field(default_factory=dict)
     unresolved: list[str] = field(default_factory=list)
+    own_arch: str | None = None
 
     def delta(self, key: str, base: torch.Tensor, real_rows: int | None) -> torch.Tensor | None:
         """The LoRA's delta on canonical ``key`` given the base weight (compute dtype), ``None`` if none.
@@ -142,7 +145,7 @@ class LoraInput:
         base; fused-weight slices land on their rows (scaled for shrunk test models).
         """
         from lorasmith.adapters.parse import parse_module
-        from lorasmith.ops.loralib import LoraFile
+        from lorasmith.ops.loralib import LoraFile, file_context
 
         mods = self.targets.get(key)
         if not mods:
@@ -154,7 +157,8 @@ class LoraInput:
             info = lf.modules[name]
             tensors = {suffix: lf.tensor(k) for suffix, k in info.keys.items()}
             tensors.pop(".diff_b", None)
-            module = parse_module(name, tensors)
+            with file_context(self.path):
+                module = parse_module(name, tensors)
             part_base, part_out = base, total
             if target.slice is not None:
                 dim, start, length = target.slice
@@ -168,7 +172,8 @@ class LoraInput:
                     f = real_rows // actual
                     start, length = start // f, length // f
                 part_base, part_out = base.narrow(dim, start, length), total.narrow(dim, start, length)
-            new = module.apply(part_base, 1.0, dtype=base.dtype)
+            with file_context(self.path):
+                new = module.apply(part_base, 1.0, dtype=base.dtype)
             part_out += new.reshape(part_base.shape) - part_base
         return total
 
@@ -197,7 +202,18 @@ def open_input(path: Path, *, role: str, arch: str | None, allow_lora: bool) -> 
     except DetectionError as exc:
         raise DetectionError(f"{role} {exc.message}", hint=exc.hint) from None
     family = reg.get(det.arch)
-    if det.kind == "lora":
+    is_lora = det.kind == "lora"
+    own: str | None = det.arch
+    if allow_lora and arch is not None and lora_modules(header.tensors):
+        # the family the LoRA's keys name by themselves: ``arch`` is usually the base's, forced, and a
+        # forced family reads any LoRA, or sees no LoRA at all in another family's keys (see check_pair)
+        try:
+            found: Detection | None = reg.detect(header, source=str(weights))
+        except DetectionError:
+            found = None
+        own = found.arch if found is not None and found.kind == "lora" else None
+        is_lora = is_lora or own is not None
+    if is_lora:
         if not allow_lora:
             raise InvalidFileError(
                 f"{path}: --{role} is a {family.name} LoRA, not a checkpoint",
@@ -213,7 +229,7 @@ def open_input(path: Path, *, role: str, arch: str | None, allow_lora: bool) -> 
                 unresolved.append(name)
                 continue
             targets.setdefault(info.alias.target.key, []).append((name, info.alias.target))
-        return LoraInput(path, family, lf.variant, lf, targets, unresolved)
+        return LoraInput(path, family, lf.variant, lf, targets, unresolved, own_arch=own)
     layout = _layout_input(path, weights, family, det)
     if layout is not None:
         if not layout.keys:
@@ -227,11 +243,25 @@ def open_input(path: Path, *, role: str, arch: str | None, allow_lora: bool) -> 
     return CheckpointInput(path, header, family, det.variant, keys)
 
 
-def check_pair(base: CheckpointInput, other: Input, role: str) -> None:
+def check_pair(base: CheckpointInput, other: Input, role: str, *, forced: bool = False) -> None:
     """Same family (and variant) for base and a tuned input.
+
+    A LoRA is read in the base's family; when its own keys name another family it is refused, unless
+    the family was ``forced`` (``--arch``: the user says how to read the files).
 
     :raises ArchMismatchError: different families or variants.
     """
+    if (
+        isinstance(other, LoraInput)
+        and not forced
+        and other.own_arch is not None
+        and other.own_arch != base.arch.id
+    ):
+        raise ArchMismatchError(
+            f"--{role} {other.path.name} is a {other.own_arch} LoRA, --base {base.path.name} a "
+            f"{base.arch.id} checkpoint",
+            hint="extract with the base checkpoint of the LoRA's family (or force one with --arch)",
+        )
     if other.arch.id != base.arch.id:
         raise ArchMismatchError(
             f"--{role} {other.path.name} is {other.arch.name}, --base {base.path.name} is {base.arch.name}",

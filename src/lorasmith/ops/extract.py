@@ -264,12 +264,12 @@ def extract(
         stack.callback(b.close)
         t1 = open_input(tuned_p, role="tuned", arch=b.arch.id, allow_lora=True)
         stack.callback(t1.close)
-        check_pair(b, t1, "tuned")
+        check_pair(b, t1, "tuned", forced=arch is not None)
         t2: Input | None = None
         if tuned2_p is not None:
             t2 = open_input(tuned2_p, role="tuned2", arch=b.arch.id, allow_lora=True)
             stack.callback(t2.close)
-            check_pair(b, t2, "tuned2")
+            check_pair(b, t2, "tuned2", forced=arch is not None)
         family = b.arch
         variant = b.variant if b.variant in family.variants else family.default_variant
         spelling = to or family.spellings[0]

@@ -39,6 +39,7 @@ import math
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -78,6 +79,7 @@ __all__ = [
     "encode_unit",
     "expand_inputs",
     "expected_file_bytes",
+    "file_context",
     "format_number",
     "load_lora",
     "lora_tensor_specs",
@@ -332,22 +334,9 @@ class LoraFile:
         dora_suffix = next((s for s in _DORA_SUFFIXES if s in tensors), None)
         dora = tensors.pop(dora_suffix) if dora_suffix is not None else None
         bias = tensors.pop(".diff_b", None)
-        return ReadModule(module=parse_module(name, tensors), dora=dora, dora_suffix=dora_suffix, bias=bias)
-
-    def check_no_empty_modules(self) -> None:
-        """Refuse a module with rank 0 or an empty factor (ops that decompose cannot use one).
-
-        :func:`load_lora` itself accepts such modules, so that an op that copies modules (convert) can.
-
-        :raises AdapterError: naming the first such module.
-        """
-        for name, info in self.modules.items():
-            shapes = info.summary.shapes
-            if info.summary.rank == 0 or any(0 in shape for shape in shapes.values()):
-                raise AdapterError(
-                    f"{self.path}: module {name!r} has rank 0 (empty factors {dict(shapes)})",
-                    hint="the file is damaged or was written by a broken tool; export it again",
-                )
+        with file_context(self.path):
+            module = parse_module(name, tensors)
+        return ReadModule(module=module, dora=dora, dora_suffix=dora_suffix, bias=bias)
 
     def close(self) -> None:
         """Close the file (idempotent)."""
@@ -362,6 +351,22 @@ class LoraFile:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+@contextmanager
+def file_context(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Prefix the message of an :class:`~lorasmith.errors.AdapterError` raised inside with ``path``.
+
+    Adapter errors name the module (``adapter module 'x': rank mismatch ...``); the user needs the file
+    too. A message that already starts with the path is left as it is.
+    """
+    try:
+        yield
+    except AdapterError as exc:
+        where = os.fspath(path)
+        if exc.message.startswith(f"{where}: "):
+            raise
+        raise AdapterError(f"{where}: {exc.message}", hint=exc.hint) from None
 
 
 def _family_of(
@@ -398,7 +403,8 @@ def load_lora(path: str | os.PathLike[str], *, arch: str | None = None) -> LoraF
     :param arch: force the family (``--arch``) instead of detecting it.
     :raises InvalidFileError: not a valid safetensors file, a checkpoint, or a file without LoRA modules.
     :raises UnknownArchError: ``arch`` names no loaded family.
-    :raises AdapterError: a module whose tensors do not fit together.
+    :raises AdapterError: a module whose tensors do not fit together (mismatched ranks, one factor only,
+        an alpha that is not a scalar, an empty factor such as rank 0...), naming the file and the module.
     """
     p = Path(path)
     header = read_header(p)
@@ -427,7 +433,10 @@ def load_lora(path: str | os.PathLike[str], *, arch: str | None = None) -> LoraF
     grouped_keys: set[str] = set()
     unresolved: list[str] = []
     for name, keys in groups.items():
-        summary = module_summary(name, {suffix: header.tensors[key] for suffix, key in keys.items()})
+        # every structure rule (rank mismatch, one factor, alpha shape, rank 0...) is checked here, from the
+        # header, before any op reads a tensor: each command refuses a broken module the same way
+        with file_context(p):
+            summary = module_summary(name, {suffix: header.tensors[key] for suffix, key in keys.items()})
         alias = family.resolve(name, variant) if family is not None else None
         if family is not None and alias is None:
             unresolved.append(name)

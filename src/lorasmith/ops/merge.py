@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Literal
 
@@ -124,7 +125,7 @@ def merge(
     :raises LorasmithError: every user error (exit code 1 at the CLI).
     """
     from lorasmith.io.writer import check_output_path
-    from lorasmith.ops._merge_lora import RankPolicy, load_lora, merge_loras, torch_dtype_of
+    from lorasmith.ops._merge_lora import LoadedLora, RankPolicy, load_lora, merge_loras, torch_dtype_of
 
     cb = progress or noop
     out = Path(output)
@@ -199,75 +200,84 @@ def merge(
     parsed_l = _ratios(loras, ratios, 1.0)
     inputs = [p for p, _ in parsed_l] + ([Path(base)] if base is not None else [])
     check_output_path(out, overwrite=overwrite, inputs=inputs)
-    loaded = [load_lora(p, float(r if r is not None else 1.0), arch) for p, r in parsed_l]
-    if base is not None:
-        from lorasmith.ops._merge_ckpt import bake
+    with ExitStack() as stack:
+        # every input's handle is closed on the way out, whichever input or step fails: nothing is left
+        # to the garbage collector (an open file keeps a Windows file locked and warns under -X dev)
+        loaded: list[LoadedLora] = []
+        for p, r in parsed_l:
+            lora = load_lora(p, float(r if r is not None else 1.0), arch)
+            stack.callback(lora.close)
+            loaded.append(lora)
+        if base is not None:
+            from lorasmith.ops._merge_ckpt import bake
 
-        if not loaded:
-            raise LorasmithError(
-                "--base needs at least one LoRA to bake", hint="--base CKPT a.safetensors:0.8"
+            if not loaded:
+                raise LorasmithError(
+                    "--base needs at least one LoRA to bake", hint="--base CKPT a.safetensors:0.8"
+                )
+            res = bake(
+                Path(base),
+                loaded,
+                out,
+                arch=arch,
+                blocks_spec=blocks,
+                compute=compute,
+                save_dtype=save,
+                strict=strict,
+                overwrite=overwrite,
+                progress=cb,
             )
-        res = bake(
-            Path(base),
+            w = res.write
+            warnings = (
+                [f"{len(res.unmatched)} LoRA module(s) matched no base weight"] if res.unmatched else []
+            )
+            return MergeResult(
+                mode="bake",
+                output=str(out),
+                arch=loaded[0].detection.arch,
+                inputs=[MergeInput(path=str(base), ratio=None)]
+                + [MergeInput(path=str(x.path), ratio=x.ratio) for x in loaded],
+                tensors=res.tensors,
+                changed=res.changed,
+                unmatched=res.unmatched,
+                block_notation=res.notation,
+                file_bytes=w.file_bytes if w else 0,
+                sshs_model_hash=w.sshs_model_hash if w else None,
+                warnings=warnings,
+            )
+
+        from lorasmith.ops._merge_lora import check_same_family
+        from lorasmith.ops.blocks import parse_blocks
+
+        check_same_family(loaded)
+        policy = RankPolicy.parse(rank, dynamic)
+        bw = parse_blocks(blocks, loaded[0].arch) if blocks else None
+        lres = merge_loras(
             loaded,
             out,
-            arch=arch,
-            blocks_spec=blocks,
+            policy=policy,
+            to=to,
+            blocks=bw,
             compute=compute,
             save_dtype=save,
-            strict=strict,
             overwrite=overwrite,
             progress=cb,
         )
-        w = res.write
-        warnings = [f"{len(res.unmatched)} LoRA module(s) matched no base weight"] if res.unmatched else []
+        from lorasmith.io.writer import WriteResult
+
+        wr = lres.write
+        assert isinstance(wr, WriteResult)
         return MergeResult(
-            mode="bake",
+            mode="lora",
             output=str(out),
             arch=loaded[0].detection.arch,
-            inputs=[MergeInput(path=str(base), ratio=None)]
-            + [MergeInput(path=str(x.path), ratio=x.ratio) for x in loaded],
-            tensors=res.tensors,
-            changed=res.changed,
-            unmatched=res.unmatched,
-            block_notation=res.notation,
-            file_bytes=w.file_bytes if w else 0,
-            sshs_model_hash=w.sshs_model_hash if w else None,
-            warnings=warnings,
+            inputs=[MergeInput(path=str(x.path), ratio=x.ratio) for x in loaded],
+            modules=lres.modules,
+            ranks=lres.ranks,
+            rel_errors=lres.rel_errors,
+            spelling=lres.spelling,
+            block_notation=lres.notation,
+            file_bytes=wr.file_bytes,
+            sshs_model_hash=wr.sshs_model_hash,
+            warnings=lres.warnings,
         )
-
-    from lorasmith.ops._merge_lora import check_same_family
-    from lorasmith.ops.blocks import parse_blocks
-
-    check_same_family(loaded)
-    policy = RankPolicy.parse(rank, dynamic)
-    bw = parse_blocks(blocks, loaded[0].arch) if blocks else None
-    lres = merge_loras(
-        loaded,
-        out,
-        policy=policy,
-        to=to,
-        blocks=bw,
-        compute=compute,
-        save_dtype=save,
-        overwrite=overwrite,
-        progress=cb,
-    )
-    from lorasmith.io.writer import WriteResult
-
-    wr = lres.write
-    assert isinstance(wr, WriteResult)
-    return MergeResult(
-        mode="lora",
-        output=str(out),
-        arch=loaded[0].detection.arch,
-        inputs=[MergeInput(path=str(x.path), ratio=x.ratio) for x in loaded],
-        modules=lres.modules,
-        ranks=lres.ranks,
-        rel_errors=lres.rel_errors,
-        spelling=lres.spelling,
-        block_notation=lres.notation,
-        file_bytes=wr.file_bytes,
-        sshs_model_hash=wr.sshs_model_hash,
-        warnings=lres.warnings,
-    )

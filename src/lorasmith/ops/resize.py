@@ -664,6 +664,10 @@ class _Job:
     style: SuffixStyle
     decomps: dict[str, _Decomp]
     base_norms: dict[str, tuple[float, float]]
+    by_name: dict[str, Unit] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.by_name = {u.name: u for u in self.units}
 
 
 def resize(
@@ -756,8 +760,7 @@ def resize(
     for spec in specs:
         with ExitStack() as stack, torch.no_grad():
             files = [stack.enter_context(load_lora(p, arch=arch)) for p in spec.paths]
-            for f in files:
-                f.check_no_empty_modules()
+            for f in files:  # load_lora already refused broken modules (rank 0 included)
                 result.warnings.extend(f.warnings)
             weights = [w for _, w in spec.parts]
             units = plan_units(list(zip(files, weights, strict=True)), spelling=to)
@@ -949,8 +952,12 @@ def _decompose_chunk(
                 [t[1][0] for t in items], [t[1][1] for t in items], [t[1][2] for t in items], cdtype
             )
         except LorasmithError as exc:
-            names = ", ".join(repr(t[0].name) for t in items[:3])
-            raise LorasmithError(f"module {names} {exc.message}", hint=exc.hint) from None
+            # name the units whose own factors hold NaN/Inf (a GPU batch stacks several); if none does,
+            # the Gram products overflowed, and every unit of the batch is a suspect
+            bad = [t[0] for t in items if not all(bool(torch.isfinite(x).all()) for x in t[1])]
+            bad = (bad or [t[0] for t in items])[:3]
+            names = ", ".join(repr(u.name) for u in bad)
+            raise LorasmithError(f"{_unit_files(bad)}: module {names} {exc.message}", hint=exc.hint) from None
         for (u, factors, extras), (s, left, right) in zip(items, solved, strict=True):
             d = _Decomp(
                 S=s.to("cpu", torch.float64), scale=extras.scale, extras=extras, left=left, right=right
@@ -1016,13 +1023,19 @@ def _ordered(fn: Callable[[T], R], items: Sequence[T], workers: int) -> Iterator
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _unit_files(units: Sequence[Unit]) -> str:
+    """The input files the ``units`` read from, for a message (``a.safetensors, b.safetensors``)."""
+    paths = dict.fromkeys(str(c.file.path) for u in units for c in u.contributions)
+    return ", ".join(paths)
+
+
 def _check_finite(unit: Unit, *tensors: torch.Tensor) -> None:
     import torch
 
     for t in tensors:
         if not bool(torch.isfinite(t).all()):
             raise LorasmithError(
-                f"module {unit.name!r} has NaN or infinite values",
+                f"{_unit_files([unit])}: module {unit.name!r} has NaN or infinite values",
                 hint="the LoRA is corrupt or was saved from a diverged training run",
             )
 
@@ -1113,11 +1126,13 @@ def _is_unchanged(unit: Unit, keep: list[int], policy: _Policy, style: SuffixSty
 
 
 def _make_plan(job: _Job, policy: _Policy, keep: dict[str, list[int]]) -> _Plan:
-    unchanged = {
-        u.name
-        for u in job.units
-        if not u.passthrough and _is_unchanged(u, keep.get(u.name, []), policy, job.style)
-    }
+    # only the units in ``keep`` can be unchanged (a unit without kept triplets is not): looking at those
+    # alone keeps a per-unit plan O(1) instead of O(units)
+    unchanged = set()
+    for name, kept in keep.items():
+        u = job.by_name.get(name)
+        if u is not None and not u.passthrough and _is_unchanged(u, kept, policy, job.style):
+            unchanged.add(name)
     return _Plan(keep=keep, unchanged=unchanged)
 
 

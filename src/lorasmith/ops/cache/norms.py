@@ -94,7 +94,8 @@ class NormsClearResult(BaseModel):
 
 
 def _targets(base: Path, arch: str | None) -> tuple[str | None, list[_norms.NormKey]]:
-    from lorasmith.errors import DetectionError
+    from lorasmith.archs.base import lora_modules
+    from lorasmith.errors import DetectionError, InvalidFileError
     from lorasmith.registry import get_registry
 
     header = read_header(base)
@@ -106,7 +107,20 @@ def _targets(base: Path, arch: str | None) -> tuple[str | None, list[_norms.Norm
     except DetectionError:
         if arch is not None:
             raise
-        family, variant = None, None
+        det, family, variant = None, None, None
+    # base-aware recipes look norms up by a *base* checkpoint's content: a LoRA's own factor norms would
+    # fill the cache with entries no resize ever asks for (and hide a wrong --base)
+    lora = (
+        det.kind == "lora"
+        if det is not None and det.kind != "unknown"
+        else bool(lora_modules(header.tensors))
+    )
+    if lora:
+        what = f"a {det.arch} LoRA" if det is not None and det.kind == "lora" else "a LoRA"
+        raise InvalidFileError(
+            f"{base}: is {what}, not a checkpoint",
+            hint="cache norms takes the base checkpoint that LoRAs are resized against",
+        )
     keys: list[_norms.NormKey] = []
     if family is not None:
         fam = reg.get(family)
@@ -128,7 +142,7 @@ def cache_base_norms(
 ) -> NormsCacheResult:
     """Compute and cache the norms of every LoRA target weight of ``base``.
 
-    :raises InvalidFileError: the base is not a readable safetensors file.
+    :raises InvalidFileError: the base is not a readable safetensors file, or it is a LoRA.
     """
     p = Path(base)
     family, keys = _targets(p, arch)
