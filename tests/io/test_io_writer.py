@@ -480,3 +480,25 @@ def test_hashes_off_keeps_metadata_as_given(tmp_path: Path) -> None:
     out2 = tmp_path / "out2.safetensors"
     save_file({"a": torch.zeros(2)}, out2, hashes=False)
     assert read_header(out2).metadata == {}
+
+
+@pytest.mark.parametrize(("env", "synced"), [(None, True), ("1", True), ("0", False), ("off", False)])
+def test_fsync_can_be_turned_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: str | None, synced: bool
+) -> None:
+    """``LORASMITH_FSYNC=0`` skips the fsyncs (the rename stays atomic); --verify still syncs the file."""
+    import os
+
+    calls: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd))[1])
+    if env is None:
+        monkeypatch.delenv("LORASMITH_FSYNC", raising=False)
+    else:
+        monkeypatch.setenv("LORASMITH_FSYNC", env)
+    save_file({"x": torch.ones(3)}, tmp_path / "a.safetensors")
+    assert bool(calls) == synced
+    assert torch.equal(load_all(tmp_path / "a.safetensors")["x"], torch.ones(3))
+    calls.clear()
+    save_file({"x": torch.ones(3)}, tmp_path / "b.safetensors", verify_data=True)
+    assert calls

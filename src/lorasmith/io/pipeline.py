@@ -46,6 +46,9 @@ __all__ = [
     "split_range",
 ]
 
+#: Stack size of the pipeline's threads.
+_STACK_BYTES = 4 << 20
+
 #: Bytes per pooled buffer: one part of one input (or of the output) of a step.
 BUFFER_BYTES = 4 << 20
 
@@ -300,8 +303,19 @@ def _run(
         ),
     ]
     out_sizes: dict[str, tuple[torch.dtype, int]] = {}
-    for t in threads:
-        t.start()
+    # Small stacks: the threads run short torch and I/O calls, and under an address-space limit
+    # (RLIMIT_AS, a container) three default 8 MiB stacks are what would make ``start`` fail.
+    old_stack: int | None = threading.stack_size()
+    try:
+        threading.stack_size(_STACK_BYTES)
+    except (ValueError, RuntimeError):  # pragma: no cover - a platform that cannot set it
+        old_stack = None
+    try:
+        for t in threads:
+            t.start()
+    finally:
+        if old_stack is not None:
+            threading.stack_size(old_stack)
     try:
         while (got := get(ready)) is not None:
             step = got.step

@@ -766,7 +766,8 @@ class SafetensorsWriter:
             else:
                 self._final_meta = self._final_metadata(_PLACEHOLDER_MODEL, _PLACEHOLDER_LEGACY)
             tmp.fh.flush()
-            os.fsync(tmp.fh.fileno())
+            if _durable() or self._verify_data:  # --verify re-reads from the disk: the data must be there
+                os.fsync(tmp.fh.fileno())
             tmp.fh.close()
         except OSError as exc:
             raise self._write_error(exc) from exc
@@ -782,7 +783,8 @@ class SafetensorsWriter:
             ) from exc
         if self._finalizer is not None:
             self._finalizer.detach()
-        _fsync_dir(self.path.parent)
+        if _durable():
+            _fsync_dir(self.path.parent)
         return WriteResult(
             path=self.path,
             n_tensors=len(self._layout),
@@ -902,6 +904,19 @@ def _drop_page_cache(fd: int) -> None:
         return
     with contextlib.suppress(OSError):
         advise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def _durable() -> bool:
+    """Whether finished files are fsynced before (and their folder after) the rename: yes, unless the
+    environment says ``LORASMITH_FSYNC=0``.
+
+    Why a switch: the fsync makes an output survive a power cut or a kernel crash right after the command
+    returns, and costs the time to write the whole file to the disk (on a slow disk, longer than the rest
+    of a checkpoint merge). Without it an output is still complete and atomic for every interrupt and
+    error (the rename happens only after everything was written); only a crash of the whole machine in the
+    seconds after could leave it empty. Batch jobs that check their outputs anyway may turn it off.
+    """
+    return os.environ.get("LORASMITH_FSYNC", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -138,8 +138,9 @@ def _bake_whole(
     w = t.to(compute)
     for job in jobs:
         part = w if job.slice is None else w.narrow(*job.slice)
+        module = job.module  # reading it names the file itself if the module is broken
         try:
-            new = job.module.apply(part, job.ratio, dtype=compute)
+            new = module.apply(part, job.ratio, dtype=compute)
         except AdapterError as exc:
             raise AdapterError(f"{job.source}: {exc.message}", hint=exc.hint) from None
         part.copy_(new.reshape(part.shape))
