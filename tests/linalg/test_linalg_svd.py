@@ -7,6 +7,7 @@ import torch
 
 from lorasmith.linalg import (
     SVD,
+    FactorizedMethod,
     LinalgError,
     RandomizedSVD,
     choose_svd_method,
@@ -73,15 +74,16 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("method", ["gram", "qr"])
 @pytest.mark.parametrize("scale", [1.0, 0.37, -1.5])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_factorized_svd_matches_dense(case: str, scale: float) -> None:
+def test_factorized_svd_matches_dense(case: str, scale: float, method: FactorizedMethod) -> None:
     up_shape, down_shape, mid_shape = CASES[case]
     up = randn(*up_shape, seed=1)
     down = randn(*down_shape, seed=2)
     mid = None if mid_shape is None else randn(*mid_shape, seed=3)
     dense = dense_delta(up, down, mid, scale)
-    svd = factorized_svd(up, down, mid, scale=scale)
+    svd = factorized_svd(up, down, mid, scale=scale, method=method)
     r = up_shape[1]
     assert_is_svd_of(svd, dense, min(r, dense.shape[0], dense.shape[1]))
     assert_canonical_signs(svd)
@@ -95,10 +97,11 @@ def test_factorized_svd_matches_dense(case: str, scale: float) -> None:
         assert svd.kernel is None
 
 
-def test_factorized_svd_float32_and_dtype_kept() -> None:
+@pytest.mark.parametrize("method", ["gram", "qr"])
+def test_factorized_svd_float32_and_dtype_kept(method: FactorizedMethod) -> None:
     up = randn(64, 16, seed=4, dtype=torch.float32)
     down = randn(16, 48, seed=5, dtype=torch.float32)
-    svd = factorized_svd(up, down, scale=0.5)
+    svd = factorized_svd(up, down, scale=0.5, method=method)
     assert svd.U.dtype == svd.S.dtype == svd.Vh.dtype == torch.float32
     ref = torch.linalg.svdvals(0.5 * up.double() @ down.double())
     torch.testing.assert_close(svd.S.double(), ref[:16], rtol=0, atol=1e-5 * float(ref[0]))
@@ -332,18 +335,20 @@ def test_lowrank_svd_auto_choice_and_errors() -> None:
 # -------------------------------------------------------------------------------------------- batched
 
 
+@pytest.mark.parametrize("method", ["gram", "qr"])
 @pytest.mark.parametrize("case", ["linear", "conv3x3", "tucker3x3", "rank_above_out"])
-def test_batched_equals_loop(case: str) -> None:
+def test_batched_equals_loop(case: str, method: FactorizedMethod) -> None:
     up_shape, down_shape, mid_shape = CASES[case]
     count = 5
     ups = [randn(*up_shape, seed=100 + i) for i in range(count)]
     downs = [randn(*down_shape, seed=200 + i) for i in range(count)]
     mids = None if mid_shape is None else [randn(*mid_shape, seed=300 + i) for i in range(count)]
     scales = [0.5, -1.0, 2.0, 1.0, 0.125]
-    batched = factorized_svd_batched(ups, downs, mids, scales)
+    batched = factorized_svd_batched(ups, downs, mids, scales, method=method)
     assert len(batched) == count
     for i, got in enumerate(batched):
-        want = factorized_svd(ups[i], downs[i], None if mids is None else mids[i], scale=scales[i])
+        mid = None if mids is None else mids[i]
+        want = factorized_svd(ups[i], downs[i], mid, scale=scales[i], method=method)
         torch.testing.assert_close(got.S, want.S, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(got.U, want.U, rtol=0, atol=1e-10)
         torch.testing.assert_close(got.Vh, want.Vh, rtol=0, atol=1e-10)

@@ -315,6 +315,20 @@ def test_merge_spec_is_the_exact_weighted_sum(tmp_path: Path) -> None:
         assert float((out_delta(tensors, name) - trunc).norm()) <= 1e-9 * float(want.norm())
 
 
+@pytest.mark.parametrize("precision", ["float32", "float64"])
+def test_self_merge_keeps_the_exact_sum(tmp_path: Path, precision: str) -> None:
+    """A LoRA merged with itself has linearly dependent factors: the noise triplets come out as zeros,
+    not as wrongly scaled vectors, so any rank gives the exact sum."""
+    a = make_lora(arch("sd1"), tmp_path / "a.safetensors", rank=6, limit=4, seed=3, dtype=F64)
+    out = tmp_path / "o.safetensors"
+    run([f"{a.path}:0.5,{a.path}:0.5"], out, rank=12, precision=precision)
+    tensors = load_file(str(out))
+    tol = 1e-5 if precision == "float32" else 1e-10
+    for name in a.modules:
+        want = flat(a.modules[name].delta)
+        assert float((out_delta(tensors, name) - want).norm()) <= tol * float(want.norm())
+
+
 def test_merge_of_two_spellings_meets_on_the_same_modules(tmp_path: Path) -> None:
     sdxl = arch("sdxl")
     a = make_lora(sdxl, tmp_path / "a.safetensors", spelling="kohya", rank=4, limit=4, dtype=F64)

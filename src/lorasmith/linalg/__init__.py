@@ -1,11 +1,18 @@
 """Linear algebra for lorasmith: factorized, exact and randomized SVDs, rank policies, device policy.
 
 A leaf package: it imports only torch and the standard library (a test enforces it), and raises only
-:class:`LinalgError`, which the layers above wrap into the user-facing error hierarchy.
+:class:`LinalgError` (and its subclass :class:`NonFiniteFactorsError`), which the layers above wrap into the
+user-facing error hierarchy.
 
-- :mod:`lorasmith.linalg.svd`: :func:`factorized_svd` (QR trick, never forms ``up @ down``),
+- :mod:`lorasmith.linalg.svd`: :func:`factorized_svd` (the one entry point for the SVD of a LoRA delta
+  from its factors, never forming ``up @ down``; ``method="gram"``, the default, or ``"qr"``),
   :func:`factorized_svd_batched`, :func:`exact_svd`, :func:`randomized_svd` (seeded, with its exact
   relative error), :func:`lowrank_svd`, and the :class:`SVD` result with ``truncate`` / ``to_lora``.
+- :mod:`lorasmith.linalg.gram`: the Gram route itself (Gram matrices, one Cholesky, one ``r x r``
+  eigensolver; why, and its ``s_0 * sqrt(eps)`` accuracy limit), batched over same-shape problems:
+  :func:`gram_factorized_svd` returns the singular vectors as coefficients on the factors
+  (:class:`GramSVD`), for callers that build truncated factors without ever forming ``U`` or ``V``
+  (``resize``).
 - :mod:`lorasmith.linalg.rank`: rank policies (fixed, kohya ``sv_ratio`` / ``sv_cumulative`` / ``sv_fro``
   with an sd-scripts compatibility switch, explained-variance energy, score threshold, byte budget) and
   error measures.
@@ -15,7 +22,8 @@ A leaf package: it imports only torch and the standard library (a test enforces 
 from __future__ import annotations
 
 from .device import compute_dtype, resolve_device, to_compute
-from .errors import LinalgError
+from .errors import LinalgError, NonFiniteFactorsError
+from .gram import GramSVD, gram_factorized_svd, gram_resolution
 from .rank import (
     KOHYA_MIN_SV,
     RTOL,
@@ -33,8 +41,10 @@ from .rank import (
     select_by_budget,
 )
 from .svd import (
+    DEFAULT_FACTORIZED_METHOD,
     DEFAULT_SEED,
     SVD,
+    FactorizedMethod,
     RandomizedSVD,
     SvdMethod,
     choose_svd_method,
@@ -47,12 +57,16 @@ from .svd import (
 )
 
 __all__ = [
+    "DEFAULT_FACTORIZED_METHOD",
     "DEFAULT_SEED",
     "KOHYA_MIN_SV",
     "RTOL",
     "SVD",
     "BudgetItem",
+    "FactorizedMethod",
+    "GramSVD",
     "LinalgError",
+    "NonFiniteFactorsError",
     "RandomizedSVD",
     "SingularValues",
     "SvdMethod",
@@ -65,6 +79,8 @@ __all__ = [
     "factorized_svd",
     "factorized_svd_batched",
     "fold_tucker",
+    "gram_factorized_svd",
+    "gram_resolution",
     "lowrank_svd",
     "randomized_svd",
     "rank_energy",

@@ -13,12 +13,12 @@ One public function, :func:`resize`, returning a :class:`ResizeResult`. The meth
      orthonormal ``Q_u``, ``Q_d``, so the small core ``C = R_u R_d^T = U_c S V_c^T`` has the singular values
      ``S`` of ``dW``; and the singular vectors follow without ``Q``: ``u_i = up_c (R_d^T V_c)_i / s_i`` and
      ``v_i = down_c^T (R_u^T U_c)_i / s_i`` (because ``down_c Q_d = R_d^T`` and ``up_c^T Q_u = R_u^T``).
-     :func:`_gram_batch` takes ``R_d`` from a Cholesky factorisation and the eigenpairs of
+     This is the Gram route of :func:`lorasmith.linalg.gram_factorized_svd` (maths in
+     :mod:`lorasmith.linalg.gram`): ``R_d`` from a Cholesky factorisation and the eigenpairs of
      ``C^T C = R_d G_u R_d^T``, so ``R_u`` is never needed. Cost: two ``R x R`` Gram products,
      ``O((out + in) R^2)``, one Cholesky and one ``R x R`` eigensolver, then one ``out x R x k`` product per
      kept factor. On CPUs this is several times faster than Householder QR of the factors
-     (:func:`lorasmith.linalg.factorized_svd`), which costs the same order but runs at a fraction of GEMM
-     speed.
+     (``factorized_svd(method="qr")``), which costs the same order but runs at a fraction of GEMM speed.
    - LoHa, LoKr and full-diff modules are materialised and decomposed exactly
      (:func:`lorasmith.linalg.exact_svd`) and written out as LoRA.
 
@@ -471,49 +471,22 @@ def _gram_batch(
     scales: Sequence[torch.Tensor],
     dtype: torch.dtype,
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The Gram-route factorized SVD (module docstring) of same-shape ``(up * scale) @ down``, batched.
+    """The Gram-route factorized SVD of same-shape ``(up * scale) @ down``, batched.
 
-    With ``G_u = up_c^T up_c`` and ``G_d = down down^T`` (the only products over the long dimensions;
-    the column scales enter ``G_u`` as ``diag(scale) (up^T up) diag(scale)``), ``R_d`` is the Cholesky
-    factor ``G_d = R_d^T R_d`` (an eigendecomposition when ``G_d`` is singular, i.e. the down factor is
-    rank-deficient). The core ``C = R_u R_d^T`` is never formed: its right singular vectors and squared
-    singular values are the eigenpairs of ``C^T C = R_d G_u R_d^T``, and ``R_u^T U_c = G_u R_d^T V_c / s``,
-    so one Cholesky and one symmetric eigensolver per problem suffice (a third of the cost of two
-    eigendecompositions and an SVD). The small problems run in ``dtype``: the Gram matrices already carry
-    that dtype's rounding (``eps * ||G||``), so a wider dtype there would not make ``s`` more accurate.
+    :func:`lorasmith.linalg.gram_factorized_svd` (the maths, its cost and its float32 accuracy limit are
+    in :mod:`lorasmith.linalg.gram`), as ``(S [L], left [R, L], right [R, L])`` per problem with
+    ``L = min(out, in, R)``, ``left = R_d^T V_c`` and ``right = R_u^T U_c``, in ``dtype`` on the factors'
+    device: ``u_i = up_c left_i / s_i`` and ``v_i = down_c^T right_i / s_i``.
 
-    :returns: per problem ``(S [L], left [R, L], right [R, L])`` with ``L = min(out, in, R)``,
-        ``left = R_d^T V_c`` and ``right = R_u^T U_c``, in ``dtype`` on the factors' device.
-    :raises LorasmithError: non-finite values (NaN or inf in the factors show up in the Gram matrices).
+    :raises NonFiniteFactorsError: NaN or inf in the factors (they show up in the Gram matrices); the caller
+        names the modules and files.
     """
-    import torch
+    from lorasmith.linalg import gram_factorized_svd, gram_resolution
 
-    up = ups[0].unsqueeze(0) if len(ups) == 1 else torch.stack(list(ups))
-    down = downs[0].unsqueeze(0) if len(downs) == 1 else torch.stack(list(downs))
-    scale = torch.stack(list(scales)).to(dtype)
-    m, r, n = int(up.shape[1]), int(up.shape[2]), int(down.shape[2])
-    gu = (up.mT @ up).to(dtype) * (scale.unsqueeze(-1) * scale.unsqueeze(-2))
-    gd = (down @ down.mT).to(dtype)
-    if not bool(torch.isfinite(gu).all()) or not bool(torch.isfinite(gd).all()):
-        raise LorasmithError(
-            "has NaN or infinite values", hint="the LoRA is corrupt or was saved from a diverged training run"
-        )
-    chol, info = torch.linalg.cholesky_ex(gd)
-    if bool((info == 0).all()):
-        rd = chol.mT
-    else:
-        # A singular G_d: any square root works; tiny negative eigenvalues are rounding noise.
-        ld, wd = torch.linalg.eigh(gd)
-        rd = ld.clamp_min(0).sqrt().unsqueeze(-1) * wd.mT
-    core = rd @ gu @ rd.mT
-    lam, vc = torch.linalg.eigh((core + core.mT) / 2)
-    k = min(m, n, r)
-    lam, vc = lam.flip(-1)[..., :k], vc.flip(-1)[..., :k]
-    s = lam.clamp_min(0).sqrt()
-    left = rd.mT @ vc
-    inv = torch.where(s > 0, 1.0 / s.clamp_min(torch.finfo(s.dtype).tiny), torch.zeros_like(s))
-    right = (gu @ left) * inv.unsqueeze(-2)
-    return [(s[i], left[i], right[i]) for i in range(up.shape[0])]
+    # Triplets below the route's resolution (s_0 * sqrt(eps)) are rounding noise: zero them, or their
+    # vectors, scaled by 1/s, blow up (a LoRA merged with itself has half its triplets at that level).
+    rcond = gram_resolution(dtype)
+    return [(g.S, g.left, g.right) for g in gram_factorized_svd(ups, downs, scales, dtype, rcond=rcond)]
 
 
 def _select_local(policy: _Policy, unit: Unit, d: _Decomp, scores: torch.Tensor | None) -> list[int]:
@@ -922,7 +895,7 @@ def _decompose_chunk(
     """
     import torch
 
-    from lorasmith.linalg import exact_svd
+    from lorasmith.linalg import NonFiniteFactorsError, exact_svd
 
     out: dict[str, _Decomp] = {}
     groups: dict[tuple[int, ...], list[tuple[Unit, _Factors, UnitExtras]]] = {}
@@ -951,13 +924,16 @@ def _decompose_chunk(
             solved = _gram_batch(
                 [t[1][0] for t in items], [t[1][1] for t in items], [t[1][2] for t in items], cdtype
             )
-        except LorasmithError as exc:
+        except NonFiniteFactorsError:
             # name the units whose own factors hold NaN/Inf (a GPU batch stacks several); if none does,
             # the Gram products overflowed, and every unit of the batch is a suspect
             bad = [t[0] for t in items if not all(bool(torch.isfinite(x).all()) for x in t[1])]
             bad = (bad or [t[0] for t in items])[:3]
             names = ", ".join(repr(u.name) for u in bad)
-            raise LorasmithError(f"{_unit_files(bad)}: module {names} {exc.message}", hint=exc.hint) from None
+            raise LorasmithError(
+                f"{_unit_files(bad)}: module {names} has NaN or infinite values",
+                hint="the LoRA is corrupt or was saved from a diverged training run",
+            ) from None
         for (u, factors, extras), (s, left, right) in zip(items, solved, strict=True):
             d = _Decomp(
                 S=s.to("cpu", torch.float64), scale=extras.scale, extras=extras, left=left, right=right
