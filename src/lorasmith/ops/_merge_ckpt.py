@@ -367,12 +367,7 @@ def bake(
     )
     changed = 0
     total = len(header.tensors)
-    done = 0
-
-    def tick(name: str) -> None:
-        nonlocal done
-        done += 1
-        progress(ProgressEvent("baking", done, total, name))
+    tick = _ticker(progress, "baking", total)
 
     scratch = _Scratch()
     try:
@@ -495,6 +490,18 @@ def _pass_through(file: TensorFile, name: str, out_dtype: torch.dtype | None) ->
     if out_dtype is None:
         return copy_steps(file, name, name, part_elements(size))
     return cast_steps(file, name, name, part_elements(size, out_dtype.itemsize))
+
+
+def _ticker(progress: ProgressCallback, stage: str, total: int) -> Callable[[str], None]:
+    """A per-tensor progress callback for :func:`~lorasmith.io.pipeline.run_steps` (counts the tensors)."""
+    done = 0
+
+    def tick(name: str) -> None:
+        nonlocal done
+        done += 1
+        progress(ProgressEvent(stage, done, total, name))
+
+    return tick
 
 
 class _Scratch:
@@ -656,12 +663,7 @@ def merge_checkpoints(
     ratios = [r for _, r in models]
     changed = 0
     total = len(first.tensors)
-    done = 0
-
-    def tick(name: str) -> None:
-        nonlocal done
-        done += 1
-        progress(ProgressEvent("merging", done, total, name))
+    tick = _ticker(progress, "merging", total)
 
     scratch = _Scratch()
     try:
