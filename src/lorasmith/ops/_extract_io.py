@@ -4,8 +4,12 @@ A checkpoint is read under canonical keys whatever its layout: a single file (wi
 prefixes) through :func:`canonical_map`; a diffusers folder, or one file in a family's diffusers layout (a
 diffusers UNet, a FLUX/Z-Image diffusers transformer), through the family's
 :meth:`~lorasmith.archs.base.Architecture.layout_map` (:class:`~lorasmith.ops.layouts.LayoutSource`:
-split q/k/v parts are concatenated back into the fused canonical weight on read). Base and tuned may so
-be in two different layouts.
+split q/k/v parts are concatenated back into the fused canonical weight on read), whatever the storage of
+its weights (one file, shards with an index, ``.bin`` pickles). Base and tuned may so be in two different
+layouts.
+
+Reads happen on the calling thread only (:meth:`CheckpointInput.tensor`, :meth:`LoraInput.fetch`); the
+computations on what was read (:meth:`LoraInput.delta_of`) are safe to run in worker threads.
 
 Internal to :mod:`lorasmith.ops.extract`.
 """
@@ -28,12 +32,12 @@ from lorasmith.errors import (
     ShapeMismatchError,
 )
 from lorasmith.io.dtypes import safetensors_dtype, torch_dtype
-from lorasmith.io.header import Header, TensorInfo, read_header
+from lorasmith.io.header import Header, TensorInfo
 from lorasmith.io.reader import TensorFile, open_tensors
-from lorasmith.ops.layouts import LayoutSource, diffusers_inventory, main_weights
+from lorasmith.ops.layouts import LayoutSource, diffusers_inventory, main_header
 from lorasmith.registry import get_registry
 
-__all__ = ["CheckpointInput", "LoraInput", "Spill", "canonical_map", "open_input"]
+__all__ = ["CheckpointInput", "LoraInput", "LoraParts", "Spill", "canonical_map", "open_input"]
 
 _FLOATS = frozenset({"F64", "F32", "F16", "BF16"})
 
@@ -121,6 +125,11 @@ def _layout_input(path: Path, weights: Path, family: Architecture, det: Detectio
     return CheckpointInput(path, header, family, det.variant, {k: k for k in tensors}, source=source)
 
 
+#: The modules of a LoRA that land on one canonical key, as read by :meth:`LoraInput.fetch`:
+#: ``(module name, target, suffix -> tensor)`` each.
+LoraParts = list[tuple[str, Target, dict[str, torch.Tensor]]]
+
+
 @dataclass
 class LoraInput:
     """A LoRA whose materialised delta stands for a fine-tune (``--tuned`` / ``--tuned2`` given a LoRA).
@@ -142,23 +151,48 @@ class LoraInput:
         """The LoRA's delta on canonical ``key`` given the base weight (compute dtype), ``None`` if none.
 
         Computed as ``apply(W) - W`` per module, so DoRA and OFT modules give their true effect on this
-        base; fused-weight slices land on their rows (scaled for shrunk test models).
+        base; fused-weight slices land on their rows (scaled for shrunk test models). The same as
+        :meth:`delta_of` of :meth:`fetch`.
         """
-        from lorasmith.adapters.parse import parse_module
-        from lorasmith.ops.loralib import LoraFile, file_context
+        return self.delta_of(self.fetch(key), base, real_rows)
+
+    def fetch(self, key: str) -> LoraParts | None:
+        """Read the tensors of the modules that land on canonical ``key`` (``None`` if none).
+
+        The file is read here and only here, so that :meth:`delta_of` (pure computation) may run in a
+        worker thread while the reads stay sequential in the caller's.
+        """
+        from lorasmith.ops.loralib import LoraFile
 
         mods = self.targets.get(key)
         if not mods:
             return None
         lf = self.lora
         assert isinstance(lf, LoraFile)
-        total = torch.zeros_like(base)
+        parts: LoraParts = []
         for name, target in mods:
             info = lf.modules[name]
             tensors = {suffix: lf.tensor(k) for suffix, k in info.keys.items()}
             tensors.pop(".diff_b", None)
+            parts.append((name, target, tensors))
+        return parts
+
+    def delta_of(
+        self, parts: LoraParts | None, base: torch.Tensor, real_rows: int | None
+    ) -> torch.Tensor | None:
+        """The delta of modules read by :meth:`fetch` on ``base`` (compute dtype); ``None`` for no modules.
+
+        Reads nothing: safe to call from a worker thread.
+        """
+        from lorasmith.adapters.parse import parse_module
+        from lorasmith.ops.loralib import file_context
+
+        if not parts:
+            return None
+        total = torch.zeros_like(base)
+        for name, target, tensors in parts:
             with file_context(self.path):
-                module = parse_module(name, tensors)
+                module = parse_module(name, dict(tensors))
             part_base, part_out = base, total
             if target.slice is not None:
                 dim, start, length = target.slice
@@ -194,8 +228,9 @@ def open_input(path: Path, *, role: str, arch: str | None, allow_lora: bool) -> 
     :raises InvalidFileError: a LoRA where a checkpoint is needed, or a file without known keys.
     :raises DetectionError: no family matches.
     """
-    weights = main_weights(path)
-    header = read_header(weights)
+    # every shard's tensors together, .bin weights through the safe loader (as convert reads them)
+    header = main_header(path)
+    weights = header.path
     reg = get_registry()
     try:
         det = reg.detect(header, arch=arch, source=str(weights))

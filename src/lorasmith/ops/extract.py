@@ -6,6 +6,11 @@ progress through an optional callback. The maths and the choices are documented 
 Memory: both inputs are read one tensor at a time (:func:`lorasmith.io.reader.open_tensors`); each
 module's delta is decomposed and its factors parked in a scratch file, so the peak is a few modules
 whatever the model's size. A checkpoint output is streamed through a planned writer.
+
+Threads: on a CPU the modules are decomposed in parallel worker threads, each with one torch thread
+(:func:`~lorasmith.ops._extract_math.compute_threads`), while the calling thread reads the inputs in order
+and consumes the results in order (:func:`~lorasmith.ops._extract_math.pipelined`): what is written and
+reported does not depend on the scheduling.
 """
 
 from __future__ import annotations
@@ -14,8 +19,8 @@ import datetime as _dt
 import math
 import os
 from collections.abc import Sequence
-from contextlib import ExitStack
-from dataclasses import dataclass
+from contextlib import ExitStack, closing
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -28,8 +33,8 @@ from lorasmith.progress import ProgressCallback, ProgressEvent, noop
 if TYPE_CHECKING:
     import torch
 
-    from lorasmith.archs.base import Alias, Architecture
-    from lorasmith.ops._extract_io import CheckpointInput, Input, Spill
+    from lorasmith.archs.base import Alias, Architecture, Inventory
+    from lorasmith.ops._extract_io import CheckpointInput, Input, LoraParts, Spill
     from lorasmith.ops._extract_math import RankPolicy
 
 __all__ = ["BlockRow", "ComponentReport", "ExtractResult", "ModuleRecord", "extract"]
@@ -367,10 +372,10 @@ def extract(
             jobs.append(job)
 
         # ---- run
-        out_folder = out_p.parent
         from lorasmith.ops._extract_io import Spill
+        from lorasmith.ops._extract_math import compute_threads, pipelined
 
-        spill = Spill(out_folder)
+        spill = Spill(out_p.parent)
         stack.callback(spill.close)
         detail_spill: Spill | None = None
         if detail_p is not None:
@@ -378,89 +383,79 @@ def extract(
             stack.callback(detail_spill.close)
         records: list[ModuleRecord] = []
         to_ckpt = as_checkpoint or as_checkpoint_full
-        first_dtype = next(iter(b.header.tensors.values())).dtype
-        out_dtype = _save_dtype(save_dtype, first_dtype)
-        style = _style(spelling)
+        out_dtype = _save_dtype(save_dtype, _weights_dtype(b, jobs))
         ckpt_writer = _CheckpointSink(b, out_p, overwrite, inputs) if to_ckpt else None
         if ckpt_writer is not None:
             stack.callback(ckpt_writer.abort)
-        done_keys: set[str] = set()
-        total = len(jobs) + len(bias_jobs)
-        for n, job in enumerate(jobs, 1):
-            d, w_norm = _delta(job, b, t1, t2, mode, alpha, policy, compute, dev, seed)
-            rep = comp_report(job.component)
-            rel = (
-                0.0
-                if d is None
-                else (float(torch.linalg.vector_norm(d)) / w_norm if w_norm > 0 else math.inf)
-            )
-            if d is not None and len(job.shape) in (2, 4):
-                rep.max_rel_change = max(rep.max_rel_change, rel)
-            if d is None or rel <= min_rel_diff or not bool(d.any()):
-                if len(job.shape) in (2, 4):
-                    skip(f"unchanged (relative change <= {min_rel_diff:g})", job.component)
-                report(ProgressEvent("extracting", n, total, job.key))
-                continue
-            if len(job.shape) in (2, 4):
-                rep.changed += 1
-            full_delta = torch.zeros_like(d) if ckpt_writer is not None else None
-            for unit in job.units:
-                rows = unit.rows or (0, int(d.shape[0]))
-                du = d[rows[0] : rows[1]]
-                mat = du.reshape(du.shape[0], -1)
-                is_conv = len(job.shape) == 4 and job.shape[2] * job.shape[3] > 1
-                pol = conv_policy if is_conv and conv_policy is not None else policy
-                rec, lora_delta, tensors = _encode_module(
-                    unit,
-                    job,
-                    mat,
-                    du,
-                    pol,
-                    seed,
-                    svd_method,
-                    clamp_quantile,
-                    full_layer,
-                    style,
-                    out_dtype,
-                    rel,
-                )
-                rec.rel_change = rel
-                rec.block = family.block_of(job.key)
-                records.append(rec)
-                rep.extracted += 1
-                for name, t in tensors.items():
-                    spill.put(name, t)
-                if detail_spill is not None and rec.kind == "lora":
-                    resid = (mat - lora_delta) * detail_scale
-                    if bool(resid.any()):
-                        _drec, _dd, dtensors = _encode_module(
-                            unit,
-                            job,
-                            resid,
-                            resid.reshape(du.shape),
-                            pol,
-                            seed,
-                            svd_method,
-                            clamp_quantile,
-                            full_layer,
-                            style,
-                            out_dtype,
-                            rel,
-                        )
-                        for name, t in dtensors.items():
+        settings = _Settings(
+            t1=t1,
+            t2=t2,
+            mode=mode,
+            alpha=alpha,
+            policy=policy,
+            conv_policy=conv_policy,
+            compute=compute,
+            dev=dev,
+            seed=seed,
+            svd_method=svd_method,
+            clamp_quantile=clamp_quantile,
+            style=_style(spelling),
+            out_dtype=out_dtype,
+            min_rel_diff=min_rel_diff,
+            detail_scale=detail_scale if detail_spill is not None else None,
+            checkpoint=("full" if as_checkpoint_full else "lora") if to_ckpt else None,
+        )
+        # the inventory _fetch reads the real row counts from (shrunk test models scale fused slices)
+        rows_inv = family.canonical_inventory(b.variant if b.variant in family.variants else None)
+
+        def fetch(job: _Job) -> _Fetched:
+            # biases are stored as diff_b of their weight's module; a checkpoint output copies them
+            bias = None
+            if ckpt_writer is None and job.key.endswith("weight"):
+                bias = bias_jobs.get(job.key[: -len("weight")] + "bias")
+            return _fetch(job, b, t1, t2, rows_inv, bias)
+
+        def cost(job: _Job) -> int:
+            return math.prod(job.shape) * compute.itemsize
+
+        def solve(fetched: _Fetched) -> _Solved:
+            return _solve(fetched, settings)
+
+        total = len(jobs)
+        with (
+            compute_threads(dev) as workers,
+            closing(pipelined(fetch, solve, jobs, workers, cost)) as solved_jobs,
+        ):
+            # results arrive in job order whatever the threads did: the spill, the checkpoint and the
+            # report are written exactly as by a sequential run
+            for n, solved in enumerate(solved_jobs, 1):
+                job = solved.job
+                rep = comp_report(job.component)
+                matrix = len(job.shape) in (2, 4)
+                if solved.rel is not None and matrix:
+                    rep.max_rel_change = max(rep.max_rel_change, solved.rel)
+                if not solved.units:
+                    if matrix:
+                        skip(f"unchanged (relative change <= {min_rel_diff:g})", job.component)
+                    report(ProgressEvent("extracting", n, total, job.key))
+                    continue
+                if matrix:
+                    rep.changed += 1
+                block = family.block_of(job.key)
+                for out in solved.units:
+                    out.record.block = block
+                    records.append(out.record)
+                    rep.extracted += 1
+                    for name, t in out.tensors.items():
+                        spill.put(name, t)
+                    if detail_spill is not None:
+                        for name, t in out.detail.items():
                             detail_spill.put(name, t)
-                if full_delta is not None:
-                    part = mat if as_checkpoint_full else lora_delta
-                    full_delta[rows[0] : rows[1]] = part.reshape(du.shape)
-            bias = bias_jobs.get(job.key[: -len("weight")] + "bias") if job.key.endswith("weight") else None
-            if bias is not None and ckpt_writer is None:
-                bd, _ = _delta(bias, b, t1, t2, mode, alpha, policy, compute, dev, seed)
-                if bd is not None and bool(bd.any()):
-                    spill.put(bias.units[0].alias.name + ".diff_b", bd.to(out_dtype).cpu())
-                done_keys.add(bias.key)
-            if full_delta is not None and ckpt_writer is not None:
-                ckpt_writer.put(job.key, full_delta.cpu())
-            report(ProgressEvent("extracting", n, total, job.key))
+                for name, t in solved.bias.items():
+                    spill.put(name, t)
+                if ckpt_writer is not None and solved.full_delta is not None:
+                    ckpt_writer.put(job.key, solved.full_delta)
+                report(ProgressEvent("extracting", n, total, job.key))
 
         if not records:
             changed = sum(c.changed for c in comps.values())
@@ -606,39 +601,180 @@ def _full_layer_job(
     return _Job(key, comp, shape, [_Unit(sorted(whole, key=lambda a: a.name)[0], None)])
 
 
-def _delta(
+@dataclass(frozen=True)
+class _Settings:
+    """What :func:`_solve` needs besides the tensors: the inputs (for their delta rules) and the options."""
+
+    t1: Input
+    t2: Input | None
+    mode: Mode | None
+    alpha: float
+    policy: RankPolicy
+    conv_policy: RankPolicy | None
+    compute: torch.dtype
+    dev: torch.device
+    seed: int
+    svd_method: Literal["auto", "exact", "randomized"]
+    clamp_quantile: float | None
+    style: Literal["kohya", "peft"]
+    out_dtype: torch.dtype
+    min_rel_diff: float
+    detail_scale: float | None  # None: no --detail
+    checkpoint: Literal["lora", "full"] | None  # --as-checkpoint, --as-checkpoint-full, or a LoRA
+
+
+@dataclass
+class _Fetched:
+    """What one job reads: the base tensor and, per tuned input, its tensor or its LoRA modules."""
+
+    job: _Job
+    base: torch.Tensor  # stored dtype, CPU
+    tuned: list[torch.Tensor | LoraParts | None]  # t1 (and t2)
+    real_rows: int | None
+    bias: _Fetched | None = None
+
+
+@dataclass
+class _UnitOut:
+    """One written module: its record, its tensors, and those of its ``--detail`` residual."""
+
+    record: ModuleRecord
+    tensors: dict[str, torch.Tensor]
+    detail: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class _Solved:
+    """The outcome of one job (empty ``units``: unchanged, or no delta at all when ``rel`` is None)."""
+
+    job: _Job
+    rel: float | None
+    units: list[_UnitOut] = field(default_factory=list)
+    bias: dict[str, torch.Tensor] = field(default_factory=dict)
+    full_delta: torch.Tensor | None = None  # base + this is the checkpoint's tensor (CPU)
+
+
+def _weights_dtype(b: CheckpointInput, jobs: Sequence[_Job]) -> str:
+    """The dtype the output is saved in by default: the most common floating dtype of the weights
+    extracted (of their 2-D/4-D base weights first), not of whatever tensor the file starts with (an SDXL
+    file starts with the int64 ``position_ids``).
+    """
+    from collections import Counter
+
+    from lorasmith.ops._extract_io import is_float
+
+    def most_common(keys: Sequence[str]) -> str | None:
+        found = Counter(b.header.tensors[k].dtype for k in keys if is_float(b.header, k))
+        return found.most_common(1)[0][0] if found else None
+
+    matrices = [b.keys[j.key] for j in jobs if len(j.shape) in (2, 4)]
+    return (
+        most_common(matrices)
+        or most_common([b.keys[j.key] for j in jobs])
+        or most_common(list(b.header.tensors))
+        or "F32"
+    )
+
+
+def _fetch(
     job: _Job,
     b: CheckpointInput,
     t1: Input,
     t2: Input | None,
-    mode: Mode | None,
-    alpha: float,
-    policy: RankPolicy,
-    compute: torch.dtype,
-    dev: torch.device,
-    seed: int,
-) -> tuple[torch.Tensor | None, float]:
-    """The delta of ``job.key`` (compute dtype, on ``dev``) and ``||W_base||_F``; ``None`` when no change."""
+    inv: Inventory,
+    bias: _Job | None,
+) -> _Fetched:
+    """Read what ``job`` needs (on the calling thread: the inputs are read by one thread, in order)."""
+    from lorasmith.ops._extract_io import CheckpointInput
+
+    def read(src: Input) -> torch.Tensor | LoraParts | None:
+        return src.tensor(job.key) if isinstance(src, CheckpointInput) else src.fetch(job.key)
+
+    spec = inv.tensors.get(job.key)
+    real = spec.shape[0] if spec is not None and spec.shape else None
+    return _Fetched(
+        job,
+        b.tensor(job.key),
+        [read(t1)] + ([read(t2)] if t2 is not None else []),
+        real,
+        _fetch(bias, b, t1, t2, inv, None) if bias is not None else None,
+    )
+
+
+def _solve(f: _Fetched, st: _Settings) -> _Solved:
+    """The delta of one job, decomposed into its output modules (no reads: runs in a worker thread)."""
+    import torch
+
+    job = f.job
+    d, w_norm = _delta(f, st)
+    if d is None:
+        return _Solved(job, None)
+    # float32 is plenty for a threshold test and a report; zero stays zero (also over a zero base)
+    d_norm = float(torch.linalg.vector_norm(d))
+    rel = 0.0 if d_norm == 0.0 else (d_norm / w_norm if w_norm > 0 else math.inf)
+    solved = _Solved(job, rel)
+    if d_norm == 0.0 or rel <= st.min_rel_diff:
+        return solved
+    is_conv = len(job.shape) == 4 and job.shape[2] * job.shape[3] > 1
+    pol = st.conv_policy if is_conv and st.conv_policy is not None else st.policy
+    # up @ down is formed only for what needs it: the residual, or the low-rank checkpoint
+    need_product = st.detail_scale is not None or st.checkpoint == "lora"
+    whole = len(job.units) == 1 and job.units[0].rows is None
+    full_delta = None if st.checkpoint is None or whole else torch.zeros_like(d)
+    for unit in job.units:
+        rows = unit.rows or (0, int(d.shape[0]))
+        du = d[rows[0] : rows[1]]
+        mat = du.reshape(du.shape[0], -1)
+        rec, lora_delta, tensors = _encode_module(unit, job, mat, du, pol, st, need_product)
+        rec.rel_change = rel
+        out = _UnitOut(rec, tensors)
+        if st.detail_scale is not None and rec.kind == "lora":
+            assert lora_delta is not None
+            resid = (mat - lora_delta) * st.detail_scale
+            if bool(resid.any()):
+                _drec, _dd, out.detail = _encode_module(
+                    unit, job, resid, resid.reshape(du.shape), pol, st, False
+                )
+        solved.units.append(out)
+        if st.checkpoint is not None:
+            part = mat if st.checkpoint == "full" or lora_delta is None else lora_delta
+            if full_delta is None:
+                solved.full_delta = part.reshape(du.shape).cpu()
+            else:
+                full_delta[rows[0] : rows[1]] = part.reshape(du.shape)
+    if full_delta is not None:
+        solved.full_delta = full_delta.cpu()
+    if f.bias is not None:
+        bd, _ = _delta(f.bias, st)
+        if bd is not None and bool(bd.any()):
+            solved.bias[f.bias.job.units[0].alias.name + ".diff_b"] = bd.to(st.out_dtype).cpu()
+    return solved
+
+
+def _delta(f: _Fetched, st: _Settings) -> tuple[torch.Tensor | None, float]:
+    """The delta of ``f.job.key`` (compute dtype, on the device) and ``||W_base||_F``; ``None`` when no
+    change."""
     import torch
 
     from lorasmith.ops._extract_io import CheckpointInput
     from lorasmith.ops._extract_math import combine, common_component
 
-    w = b.tensor(job.key).to(device=dev, dtype=compute)
+    w = f.base.to(device=st.dev, dtype=st.compute)
     w_norm = float(torch.linalg.vector_norm(w))
-    inv = b.arch.canonical_inventory(b.variant if b.variant in b.arch.variants else None)
-    spec = inv.tensors.get(job.key)
 
-    def one(src: Input) -> torch.Tensor | None:
+    def one(src: Input, got: torch.Tensor | LoraParts | None) -> torch.Tensor | None:
         if isinstance(src, CheckpointInput):
-            return src.tensor(job.key).to(device=dev, dtype=compute) - w
-        real = spec.shape[0] if spec is not None and spec.shape else None
-        return src.delta(job.key, w, real)
+            assert isinstance(got, torch.Tensor)
+            t = got.to(device=st.dev, dtype=st.compute)
+            # .to copied (another dtype or device): subtract in place, sparing one delta-sized buffer
+            return t.sub_(w) if t is not got else t - w
+        assert not isinstance(got, torch.Tensor)
+        return src.delta_of(got, w, f.real_rows)
 
-    d1 = one(t1)
-    if t2 is None:
+    d1 = one(st.t1, f.tuned[0])
+    if st.t2 is None:
         return d1, w_norm
-    d2 = one(t2)
+    d2 = one(st.t2, f.tuned[1])
     # A delta that is zero contributes nothing to a union and leaves no common part: skip the SVDs.
     d1 = d1 if d1 is not None and bool(d1.any()) else None
     d2 = d2 if d2 is not None and bool(d2.any()) else None
@@ -646,8 +782,8 @@ def _delta(
         return None, w_norm
     z = torch.zeros_like(w)
     a, c = (d1 if d1 is not None else z), (d2 if d2 is not None else z)
-    if mode == "union":
-        return combine(a, c, alpha), w_norm
+    if st.mode == "union":
+        return combine(a, c, st.alpha), w_norm
     if a.ndim == 1 or d1 is None or d2 is None:
         return (
             torch.zeros_like(w)
@@ -655,7 +791,7 @@ def _delta(
             else torch.where(a * c > 0, torch.minimum(a.abs(), c.abs()) * a.sign(), z)
         ), w_norm
     shape = a.shape
-    common = common_component(a.reshape(shape[0], -1), c.reshape(shape[0], -1), policy, seed)
+    common = common_component(a.reshape(shape[0], -1), c.reshape(shape[0], -1), st.policy, st.seed)
     return common.reshape(shape), w_norm
 
 
@@ -665,15 +801,11 @@ def _encode_module(
     mat: torch.Tensor,
     du: torch.Tensor,
     policy: RankPolicy,
-    seed: int,
-    svd_method: Literal["auto", "exact", "randomized"],
-    clamp_quantile: float | None,
-    full_layer: bool,
-    style: Literal["kohya", "peft"],
-    out_dtype: torch.dtype,
-    rel: float,
-) -> tuple[ModuleRecord, torch.Tensor, dict[str, torch.Tensor]]:
-    """Decompose one output module; returns its record, its stored delta (2-D) and its tensors."""
+    st: _Settings,
+    need_product: bool,
+) -> tuple[ModuleRecord, torch.Tensor | None, dict[str, torch.Tensor]]:
+    """Decompose one output module; returns its record, its stored delta (2-D; ``None`` for a LoRA when
+    not ``need_product``) and its tensors."""
     import torch
 
     from lorasmith.adapters.lora import encode_lora
@@ -683,9 +815,9 @@ def _encode_module(
     shape = [int(x) for x in du.shape]
     if du.ndim == 1:
         rec = ModuleRecord(name=name, key=job.key, component=job.component, kind="diff", shape=shape)
-        return rec, mat, {name + ".diff": du.to(out_dtype).cpu().contiguous()}
+        return rec, mat, {name + ".diff": du.to(st.out_dtype).cpu().contiguous()}
     rows, cols = int(mat.shape[0]), int(mat.shape[1])
-    dec = decompose(mat, policy, seed=seed, method=svd_method)
+    dec = decompose(mat, policy, seed=st.seed, method=st.svd_method)
     s = dec.svd.S.detach().to("cpu", torch.float64)
     rec = ModuleRecord(
         name=name,
@@ -701,18 +833,22 @@ def _encode_module(
     )
     if stored_dense(dec.rank, rows, cols):
         rec.kind, rec.rel_error, rec.energy = "diff", 0.0, 1.0
-        return rec, mat, {name + ".diff": du.to(out_dtype).cpu().contiguous()}
+        return rec, mat, {name + ".diff": du.to(st.out_dtype).cpu().contiguous()}
     up, down = dec.svd.to_lora()
-    if clamp_quantile is not None and clamp_quantile < 1.0:
-        up, down = clamp_factors(up, down, clamp_quantile)
-    lora_delta = up @ down
-    if clamp_quantile is not None and clamp_quantile < 1.0:
+    clamp = st.clamp_quantile is not None and st.clamp_quantile < 1.0
+    if clamp:
+        assert st.clamp_quantile is not None
+        up, down = clamp_factors(up, down, st.clamp_quantile)
+    lora_delta = up @ down if need_product or clamp else None
+    if clamp:
+        assert lora_delta is not None
+        # the SVD's error no longer describes the clamped pair: measure it
         fro = float(torch.linalg.vector_norm(mat))
         rec.rel_error = float(torch.linalg.vector_norm(mat - lora_delta)) / fro if fro else 0.0
     conv = du.ndim == 4
     kernel = (int(du.shape[2]), int(du.shape[3])) if conv else None
     encoded = encode_lora(
-        up.cpu(), down.cpu(), float(dec.rank), suffixes=style, conv=conv, kernel=kernel, dtype=out_dtype
+        up.cpu(), down.cpu(), float(dec.rank), suffixes=st.style, conv=conv, kernel=kernel, dtype=st.out_dtype
     )
     return rec, lora_delta, {name + sfx: t for sfx, t in encoded.items()}
 
