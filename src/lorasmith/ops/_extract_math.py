@@ -7,16 +7,13 @@ Internal to :mod:`lorasmith.ops.extract`; the maths is documented in ``docs/extr
 from __future__ import annotations
 
 import math
-from collections import deque
-from collections.abc import Callable, Generator, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import Literal
 
 import torch
 
 from lorasmith.linalg import SVD, RandomizedSVD, exact_svd, lowrank_svd
+from lorasmith.ops._parallel import compute_threads, pipelined  # re-exported: shared with resize
 
 __all__ = [
     "Decomposition",
@@ -211,85 +208,3 @@ def common_component(d1: torch.Tensor, d2: torch.Tensor, policy: RankPolicy, see
     a = u2 @ ((u2.mT @ d1 @ v2h.mT) @ v2h)
     b = u1 @ ((u1.mT @ d2 @ v1h.mT) @ v1h)
     return (a + b) * 0.5
-
-
-# ------------------------------------------------------------------------------------------------ threads
-T = TypeVar("T")
-P = TypeVar("P")
-R = TypeVar("R")
-
-#: In-flight budget of :func:`pipelined`, in bytes of the items' ``cost`` (extract: each module's delta in
-#: the compute dtype). A module's working set is a few times its delta (base, tuned, delta, factors), so
-#: this keeps the extra memory of the modules in flight to some hundreds of MiB whatever the core count;
-#: an item larger than the budget still runs, alone.
-INFLIGHT_BYTES = 192 * 2**20
-
-
-@contextmanager
-def compute_threads(dev: torch.device) -> Iterator[int]:
-    """How many modules to decompose at once, with torch's intra-op threads set for that.
-
-    On a CPU, modules are decomposed in parallel by as many Python threads as torch would use (torch
-    releases the GIL in its kernels), each running single-threaded torch: the QRs of ``m x (k + p)``
-    blocks and the small SVDs of the randomized SVD are too small for OpenMP, whose barriers cost more
-    than the work and stall badly when another process takes a core (measured on 2 cores: 14 s with one
-    thread against 47 - 94 s with two on the same 102 modules). torch's setting is restored afterwards.
-    On a GPU, one thread feeds the device: the modules go one after the other.
-    """
-    if dev.type != "cpu":
-        yield 1
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield max(1, threads)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _one_thread() -> None:
-    # MKL's and OpenMP's thread counts are per thread: set them in each worker too, not only globally
-    torch.set_num_threads(1)
-
-
-def pipelined(
-    fetch: Callable[[T], P],
-    solve: Callable[[P], R],
-    items: Sequence[T],
-    workers: int,
-    cost: Callable[[T], int],
-    budget: int = INFLIGHT_BYTES,
-) -> Generator[R, None, None]:
-    """``solve(fetch(item))`` for every item, in order, with ``solve`` on ``workers`` threads.
-
-    ``fetch`` (the reads) runs on the calling thread, one item after the other, so the inputs are read
-    sequentially by the one thread that owns them; ``solve`` (the maths, which must read nothing) runs in
-    the pool. Results come back in the items' order whatever the scheduling, so what the caller writes
-    and reports is the same as a sequential run. At most ``2 * workers`` items are in flight, and no more
-    than ``budget`` of their summed ``cost`` (one item always is), so the memory held stays bounded.
-    """
-    if workers <= 1 or len(items) <= 1:
-        for item in items:
-            yield solve(fetch(item))
-        return
-    window = 2 * workers
-    pool = ThreadPoolExecutor(
-        max_workers=workers, thread_name_prefix="lorasmith-extract", initializer=_one_thread
-    )
-    try:
-        pending: deque[tuple[Future[R], int]] = deque()
-        held, nxt = 0, 0
-        while nxt < len(items) or pending:
-            while nxt < len(items) and len(pending) < window:
-                c = cost(items[nxt])
-                if pending and held + c > budget:
-                    break
-                pending.append((pool.submit(solve, fetch(items[nxt])), c))
-                held += c
-                nxt += 1
-            future, c = pending.popleft()
-            result = future.result()
-            held -= c
-            yield result
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)

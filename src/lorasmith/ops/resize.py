@@ -39,10 +39,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TypeVar
@@ -58,6 +56,7 @@ from lorasmith.errors import (
 )
 from lorasmith.io.header import Header, read_header
 from lorasmith.ops._device import compute_device
+from lorasmith.ops._parallel import compute_threads, ordered
 from lorasmith.ops.loralib import (
     InputSpec,
     LoraFile,
@@ -869,8 +868,8 @@ def _decompose_all(
     chunks = [units[i : i + batch] for i in range(0, len(units), batch)]
     done = 0
     try:
-        with _compute_threads(dev) as workers:
-            for solved in _ordered(work, chunks, workers):
+        with compute_threads(dev) as workers:
+            for solved in ordered(work, chunks, workers):
                 for u, d in solved:
                     job.decomps[u.name] = d
                     done += 1
@@ -953,50 +952,6 @@ def _batch_size(dev: torch.device) -> int:
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-@contextmanager
-def _compute_threads(dev: torch.device) -> Iterator[int]:
-    """How many units to work on at once, with torch's intra-op threads set for that.
-
-    On a CPU, units are processed in parallel by that many Python threads (torch releases the GIL in
-    its kernels), each running single-threaded torch: the ``R x R`` eigen/SVD problems are far too small
-    for OpenMP, whose barriers cost more than the work (and stall badly on a busy machine), and parallel
-    units also overlap file reads with compute. torch's setting is restored afterwards. On a GPU, one
-    thread feeds batched kernels.
-    """
-    import torch
-
-    if dev.type != "cpu":
-        yield 1
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield max(1, threads)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _ordered(fn: Callable[[T], R], items: Sequence[T], workers: int) -> Iterator[R]:
-    """``map(fn, items)`` on ``workers`` threads, in order, with a bounded number of items in flight."""
-    if workers <= 1 or len(items) <= 1:
-        for item in items:
-            yield fn(item)
-        return
-    window = 2 * workers
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lorasmith-resize")
-    try:
-        pending: deque[Future[R]] = deque(pool.submit(fn, item) for item in items[:window])
-        nxt = len(pending)
-        while pending:
-            res = pending.popleft().result()
-            if nxt < len(items):
-                pending.append(pool.submit(fn, items[nxt]))
-                nxt += 1
-            yield res
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _unit_files(units: Sequence[Unit]) -> str:
@@ -1305,9 +1260,9 @@ def _write_output(
 
     with (
         SafetensorsWriter(path, metadata=meta, overwrite=overwrite, inputs=inputs, plan=specs) as writer,
-        _compute_threads(dev) as workers,
+        compute_threads(dev) as workers,
     ):
-        for n, (unit, tensors) in enumerate(zip(job.units, _ordered(work, job.units, workers), strict=True)):
+        for n, (unit, tensors) in enumerate(zip(job.units, ordered(work, job.units, workers), strict=True)):
             for key, t in tensors.items():
                 writer.write(key, t)
                 written_keys.add(key)
