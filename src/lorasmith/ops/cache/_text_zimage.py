@@ -19,7 +19,6 @@ caches are skipped; any other existing cache is replaced only with ``overwrite``
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,10 +29,10 @@ from lorasmith.ops.cache.text import (
     TextCacheItem,
     TextCacheResult,
     TextFamily,
+    TextJob,
     _write_atomic,
     load_tokenizer,
-    read_caption,
-    text_cache_path,
+    plan_text_jobs,
 )
 from lorasmith.progress import ProgressCallback, ProgressEvent
 
@@ -48,14 +47,6 @@ _ARCHITECTURE = "z_image"
 _FORMAT_VERSION = "1.0.1"
 _FLOAT_NAMES = ("float32", "float16", "bfloat16")
 _DEFAULT_CAPTION_EXTENSIONS = (".caption", ".txt")
-
-
-@dataclass
-class _Job:
-    image: Path
-    cache: Path
-    caption: str
-    item: TextCacheItem
 
 
 def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -113,43 +104,17 @@ def _plan(
     width: int | None,
     skip_existing: bool,
     overwrite: bool,
-) -> tuple[list[TextCacheItem], list[_Job]]:
+) -> tuple[list[TextCacheItem], list[TextJob]]:
     from lorasmith.ops.cache._qwen3 import token_counts
 
-    items: list[TextCacheItem] = []
-    ready: list[_Job] = []
-    for group in groups:
-        ext = group.settings.caption_extension
-        extensions = (ext,) if ext else _DEFAULT_CAPTION_EXTENSIONS
-        for image in group.images:
-            target = text_cache_path(image, family, group.cache_dir)
-            item = TextCacheItem(image=str(image), cache=str(target), status="written")
-            items.append(item)
-            try:
-                # musubi-tuner reads the whole caption file
-                caption_file, caption = read_caption(image, extensions, first_line=False)
-            except LorasmithError as exc:
-                item.status, item.error = "failed", exc.message
-                continue
-            item.caption_file = str(caption_file)
-            ready.append(_Job(image, target, caption, item))
-    existing = [j for j in ready if j.cache.exists()]
-    lengths = token_counts(tokenizer, [j.caption for j in existing])
-    counts = {id(j): n for j, n in zip(existing, lengths, strict=True)}
-    jobs: list[_Job] = []
-    for job in ready:
-        if job.cache.exists():
-            valid = _valid(job.cache, job.caption, counts[id(job)], width)
-            if valid and skip_existing:
-                job.item.status = "skipped"
-                continue
-            if not overwrite:
-                why = "is valid" if valid else "does not match this run's caption or does not load"
-                job.item.status = "failed"
-                job.item.error = f"{job.cache}: cache exists and {why}; pass --overwrite to re-create it"
-                continue
-        jobs.append(job)
-    return items, jobs
+    def valid(existing: list[TextJob]) -> list[bool]:
+        lengths = token_counts(tokenizer, [j.caption for j in existing])  # one tokenizer call for all
+        return [_valid(j.cache, j.caption, n, width) for j, n in zip(existing, lengths, strict=True)]
+
+    # musubi-tuner reads the whole caption file
+    return plan_text_jobs(
+        groups, family, valid, skip_existing, overwrite, first_line=False, mismatch="caption"
+    )
 
 
 def _dtype_name(t: torch.Tensor) -> str:

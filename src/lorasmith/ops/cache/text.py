@@ -216,7 +216,9 @@ class _Options:
 
 
 @dataclass
-class _Job:
+class TextJob:
+    """One image whose text-encoder outputs are to be written."""
+
     image: Path
     cache: Path
     caption: str
@@ -474,16 +476,25 @@ def _groups(dataset: Path | None, dataset_config: Path | None, defaults: Setting
     return load_dataset_config(dataset_config, defaults)
 
 
-def _plan(
+def plan_text_jobs(
     groups: Sequence[ImageGroup],
     family: TextFamily,
-    expected: dict[str, tuple[int, ...]],
-    flags: dict[str, bool],
+    valid: Callable[[list[TextJob]], list[bool]],
     skip_existing: bool,
     overwrite: bool,
-) -> tuple[list[TextCacheItem], list[_Job]]:
+    *,
+    first_line: bool = True,
+    mismatch: str = "settings",
+) -> tuple[list[TextCacheItem], list[TextJob]]:
+    """Every image's report item, and the jobs to run: captions read (a missing one fails that image),
+    existing caches checked with ``valid`` (given all of them at once, so a check may batch its work) and
+    skipped or refused as ``skip_existing`` / ``overwrite`` say.
+
+    :param first_line: read only a caption file's first line (sd-scripts) or all of it (musubi-tuner).
+    :param mismatch: what an invalid cache does not match, for its message.
+    """
     items: list[TextCacheItem] = []
-    jobs: list[_Job] = []
+    ready: list[TextJob] = []
     for group in groups:
         ext = group.settings.caption_extension
         extensions = (ext,) if ext else _DEFAULT_CAPTION_EXTENSIONS
@@ -492,22 +503,27 @@ def _plan(
             item = TextCacheItem(image=str(image), cache=str(target), status="written")
             items.append(item)
             try:
-                caption_file, caption = read_caption(image, extensions)
+                caption_file, caption = read_caption(image, extensions, first_line=first_line)
             except LorasmithError as exc:
                 item.status, item.error = "failed", exc.message
                 continue
             item.caption_file = str(caption_file)
-            if target.exists():
-                valid = _valid(target, expected, flags)
-                if valid and skip_existing:
-                    item.status = "skipped"
-                    continue
-                if not overwrite:
-                    why = "is valid" if valid else "does not match this run's settings or does not load"
-                    item.status = "failed"
-                    item.error = f"{target}: cache exists and {why}; pass --overwrite to re-create it"
-                    continue
-            jobs.append(_Job(image, target, caption, item))
+            ready.append(TextJob(image, target, caption, item))
+    existing = [j for j in ready if j.cache.exists()]
+    verdicts = dict(zip(map(id, existing), valid(existing), strict=True))
+    jobs: list[TextJob] = []
+    for job in ready:
+        if id(job) in verdicts:
+            ok = verdicts[id(job)]
+            if ok and skip_existing:
+                job.item.status = "skipped"
+                continue
+            if not overwrite:
+                why = "is valid" if ok else f"does not match this run's {mismatch} or does not load"
+                job.item.status = "failed"
+                job.item.error = f"{job.cache}: cache exists and {why}; pass --overwrite to re-create it"
+                continue
+        jobs.append(job)
     return items, jobs
 
 
@@ -752,7 +768,13 @@ def cache_text(
         )
     expected = _expected(family, sources, opts)
     flags = _flags(family, opts)
-    items, jobs = _plan(groups, family, expected, flags, skip_existing, overwrite)
+    items, jobs = plan_text_jobs(
+        groups,
+        family,
+        lambda existing: [bool(_valid(j.cache, expected, flags)) for j in existing],
+        skip_existing,
+        overwrite,
+    )
     total = len(items)
     done = total - len(jobs)
     progress(ProgressEvent("encoding", done, total))
