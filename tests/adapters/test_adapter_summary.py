@@ -92,3 +92,27 @@ def test_rank_0_is_refused_from_the_header_alone() -> None:
     assert info.value.hint
     with pytest.raises(AdapterError, match="rank 0"):
         parse_module("m", {".lora_down.weight": torch.ones(0, 8), ".lora_up.weight": torch.ones(16, 0)})
+
+
+@pytest.mark.parametrize(("shape", "axis"), [((320,), 0), ((1, 320, 1, 1), 0)])
+def test_peft_dora_magnitude_is_per_output_row(shape: tuple[int, ...], axis: int) -> None:
+    """PEFT's Conv2d magnitude [1, out, 1, 1] is per row even when ``in`` is a multiple of ``out`` (where
+    its shape alone would also fit the per-column [1, in] reading)."""
+    s = module_summary(
+        "unet.conv",
+        {
+            ".lora_A.weight": ((4, 640, 3, 3), "F32"),
+            ".lora_B.weight": ((320, 4, 1, 1), "F32"),
+            ".lora_magnitude_vector": (shape, "F32"),
+        },
+    )
+    assert s.has_dora and s.dora_axis == axis
+    with pytest.raises(AdapterError, match="rows"):
+        module_summary(
+            "unet.conv",
+            {
+                ".lora_A.weight": ((4, 640, 3, 3), "F32"),
+                ".lora_B.weight": ((320, 4, 1, 1), "F32"),
+                ".lora_magnitude_vector": ((1, 640, 1, 1), "F32"),
+            },
+        )

@@ -296,7 +296,12 @@ def analyze(name: str, shapes: Mapping[str, Sequence[int]]) -> ModuleSummary:
     if "dora" in shp:
         if info.algo == "norm":
             raise _fail(name, "a DoRA magnitude on a norm-layer delta (w_norm) is not supported")
-        dora_axis = _dora_axis(name, shp["dora"], info.out, info.inp)
+        if roles["dora"].startswith(".lora_magnitude_vector"):
+            # PEFT's magnitude is per output row by definition, as [out] for a Linear and [1, out, 1, 1]
+            # for a Conv2d; the shape alone cannot tell the latter from a per-column [1, in, 1, 1]
+            dora_axis = _peft_dora_axis(name, shp["dora"], info.out)
+        else:
+            dora_axis = _dora_axis(name, shp["dora"], info.out, info.inp)
     if "diff_b" in shp and "b_norm" in shp:
         raise _fail(name, "both diff_b and b_norm are present (two bias deltas)")
     if "diff_b" in shp and len(shp["diff_b"]) != 1:
@@ -618,6 +623,16 @@ def _glora(name: str, shp: Mapping[str, tuple[int, ...]]) -> _Info:
         )
     delta_shape = (out, inp, *kernel) if kernel is not None else (out, inp)
     return _Info("glora", rank, out, inp, kernel, delta_shape, tucker="bm" in shp, glora_layout=layout)
+
+
+def _peft_dora_axis(name: str, shape: tuple[int, ...], n_out: int | None) -> int:
+    """PEFT's ``lora_magnitude_vector``: one entry per output row (``[out]`` or ``[1, out, 1, ...]``)."""
+    count = 1
+    for d in shape:
+        count *= d
+    if n_out is None or (count == n_out and sum(d != 1 for d in shape) <= 1):
+        return 0
+    raise _fail(name, f"PEFT DoRA magnitude of shape {list(shape)} does not have the weight's {n_out} rows")
 
 
 def _dora_axis(name: str, shape: tuple[int, ...], n_out: int | None, n_in: int | None) -> int:
