@@ -200,3 +200,54 @@ def test_matches_reference_loader(tmp_path: Path) -> None:
     ref = load_file(str(p))
     got = load_all(p)
     assert all(same(got[k], ref[k]) for k in tensors)
+
+
+def test_reopen_with_parsed_header_skips_parsing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A header from an earlier read_header reopens the file without parsing it again."""
+    from lorasmith.io import reader
+
+    path = tmp_path / "a.safetensors"
+    save_file({"w": torch.arange(6.0).reshape(2, 3)}, str(path))
+    with open_tensors(path) as first:
+        header = first.header
+
+    def no_parse(*_a: object, **_k: object) -> None:
+        raise AssertionError("header parsed again")
+
+    monkeypatch.setattr(reader, "read_header", no_parse)
+    with open_tensors(path, header) as again:
+        assert torch.equal(again.get("w"), torch.arange(6.0).reshape(2, 3))
+
+
+def test_reopen_refuses_a_file_that_changed_size(tmp_path: Path) -> None:
+    path = tmp_path / "a.safetensors"
+    save_file({"w": torch.zeros(4)}, str(path))
+    with open_tensors(path) as first:
+        header = first.header
+    save_file({"w": torch.zeros(8)}, str(path))
+    with pytest.raises(InvalidFileError, match="changed while in use"):
+        open_tensors(path, header)
+
+
+def test_lora_modules_reuse_the_parsed_header(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading a LoRA module by module (a bake) must not parse the LoRA's header once per module."""
+    from lorasmith.io import reader
+    from lorasmith.ops._merge_lora import load_lora
+    from lorasmith.registry import get_registry
+    from lorasmith.testing import make_lora
+
+    path = tmp_path / "l.safetensors"
+    make_lora(get_registry().get("sd1"), path, rank=2, limit=5, seed=0)
+    lora = load_lora(path, 1.0)
+    calls: list[int] = []
+    real = reader.read_header
+
+    def counted(*a: object, **k: object) -> object:
+        calls.append(1)
+        return real(*a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(reader, "read_header", counted)
+    for name in lora.names:
+        lora.read(name)
+    assert len(lora.names) == 5
+    assert calls == []

@@ -37,8 +37,8 @@ class TensorFile:
     :ivar path: the file.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.header: Header = read_header(path)
+    def __init__(self, path: str | os.PathLike[str], header: Header | None = None) -> None:
+        self.header: Header = read_header(path) if header is None else header
         self.path: Path = self.header.path
         try:
             self._fh = open(self.path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
@@ -46,6 +46,16 @@ class TensorFile:
             raise InvalidFileError(
                 f"{self.path}: cannot open ({exc.strerror or exc})", hint="check the file"
             ) from exc
+        if header is not None:
+            # A header parsed earlier (a file reopened): a file of another size is another file now.
+            size = os.fstat(self._fh.fileno()).st_size
+            if size != header.file_size:
+                self._fh.close()
+                raise InvalidFileError(
+                    f"{self.path}: changed while in use ({header.file_size} bytes when its header was read, "
+                    f"{size} now)",
+                    hint="do not write to an input while lorasmith runs",
+                )
 
     # --------------------------------------------------------------------------------- mapping-like access
     def keys(self) -> list[str]:
@@ -175,12 +185,15 @@ class TensorFile:
         return f"TensorFile({str(self.path)!r}, {len(self)} tensors)"
 
 
-def open_tensors(path: str | os.PathLike[str]) -> TensorFile:
+def open_tensors(path: str | os.PathLike[str], header: Header | None = None) -> TensorFile:
     """Open a safetensors file for lazy reading (validates the header first).
+
+    ``header``: the file's header from an earlier :func:`~lorasmith.io.header.read_header`, to reopen a file
+    without parsing its header again (the file's size is checked against it).
 
     :raises InvalidFileError: the file is missing, unreadable or not a valid safetensors file.
     """
-    return TensorFile(path)
+    return TensorFile(path, header)
 
 
 def load_all(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:

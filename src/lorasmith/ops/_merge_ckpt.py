@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -240,8 +241,10 @@ def _bake_chunked(
     return out
 
 
-#: torch threads for the bake's matrix products (the reader and writer threads run beside them).
-_BAKE_THREADS = 2
+#: torch threads for the bake's matrix products: the cores left after the reader, writer and hash threads.
+#: Why not more: an OpenMP team whose threads get descheduled by those three waits at every barrier; on
+#: two cores, two torch threads ran the products at 9 to 30 GFLOP/s, one thread at 90.
+_BAKE_THREADS = max(1, (os.cpu_count() or 1) - 3)
 
 
 def bake_steps(
