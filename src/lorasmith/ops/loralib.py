@@ -315,7 +315,8 @@ class LoraFile:
         if self._tf is None:
             from lorasmith.io.reader import open_tensors
 
-            self._tf = open_tensors(self.path)
+            # the header parsed when the file was loaded: a reopen costs an open(), not a header parse
+            self._tf = open_tensors(self.path, self.header)
         return self._tf
 
     def tensor(self, key: str) -> torch.Tensor:
