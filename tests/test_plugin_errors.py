@@ -76,6 +76,23 @@ CASES: dict[str, tuple[str, tuple[str, ...]]] = {
         """,
         ("is invalid", "family"),
     ),
+    "badparts": (
+        """
+        from lorasmith.archs.parts import PartSlot, diffusion_model_slot
+        from lorasmith.hookspecs import hookimpl
+        from lorasmith.testing.toy import ToyArch
+
+        class BadParts(ToyArch):
+            id = "badparts"
+            part_kinds = ()
+            component_parts = (diffusion_model_slot(), PartSlot("text_encoder", "nobody_te", "te."))
+
+        @hookimpl
+        def lorasmith_register_architectures():
+            return [BadParts]
+        """,
+        ("the parts of family 'badparts' are broken", "unknown kind 'nobody_te'"),
+    ),
 }
 
 

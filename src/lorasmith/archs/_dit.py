@@ -34,6 +34,7 @@ from lorasmith.archs.base import (
     load_packaged_inventory,
     lora_modules,
 )
+from lorasmith.archs.parts import PartSlot
 
 #: Inventory that carries the canonical text-encoder keys of FLUX.1 and SD3 (ComfyUI's SD3 Medium file).
 TE_INVENTORY = "sd3-medium-comfyui"
@@ -43,6 +44,9 @@ CLIP_L_PREFIX = "text_encoders.clip_l.transformer."
 CLIP_G_PREFIX = "text_encoders.clip_g.transformer."
 #: Key prefix of T5-XXL (HF ``T5EncoderModel`` names below it).
 T5XXL_PREFIX = "text_encoders.t5xxl.transformer."
+#: The 16-channel VAE part of FLUX.1 and Z-Image single files: under ``vae.`` (ComfyUI's
+#: ``vae_key_prefix`` for both), split as ``ae.safetensors`` as the separate distributions name it.
+VAE16_SLOT = PartSlot("vae", "vae16", "vae.", "ae.safetensors", group="vae")
 
 #: (up suffix, down suffix) pairs whose shapes give a LoRA module's (out, in): up is [out, ...], down [., in].
 _PAIRS: tuple[tuple[str, str], ...] = (

@@ -46,9 +46,14 @@ from lorasmith.archs.base import (
     lora_modules,
     strip_weight,
 )
+from lorasmith.archs.parts import PartSlot
 
 #: Key prefix of the UNet in ldm/sgm single files.
 UNET_PREFIX = "model.diffusion_model."
+
+#: The 4-channel VAE part of the ldm/sgm single files (SD1, SD2, SDXL): ``first_stage_model.``, split as
+#: ``vae.safetensors`` (part kind ``vae4``).
+VAE4_SLOT = PartSlot("vae", "vae4", "first_stage_model.", "vae.safetensors", group="vae")
 
 #: Dimensions that are multiples of this are the ones model widths are built from (and the ones the test
 #: fixtures shrink); only they take part in the scale check.

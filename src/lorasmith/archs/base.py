@@ -524,16 +524,10 @@ class Architecture:
         a part file and ``merge --base ... --clip-l F --clip-l-out O`` read them from here. ``()`` means
         the family has no separate parts (assemble and split refuse it).
 
-        The default returns :attr:`component_parts`; override this method when variants differ. A family
-        that declares nothing gets the table of its id in :data:`lorasmith.archs.parts.BUILTIN_SLOTS`
-        (:func:`~lorasmith.archs.parts.builtin_slots`; empty for any id but the built-in families', whose
-        slots are kept there as data).
+        The default returns :attr:`component_parts`; override this method when variants differ (SD1's
+        family does, for SD2). The built-in families declare theirs the same way, in their own modules.
         """
-        if self.component_parts:
-            return self.component_parts
-        from lorasmith.archs.parts import builtin_slots
-
-        return builtin_slots(self.id, variant)
+        return tuple(self.component_parts)
 
     # ------------------------------------------------------------------------------------------- blocks
     def block_of(self, key: str) -> str | None:

@@ -39,6 +39,7 @@ from typing import ClassVar
 from lorasmith.archs._dit import (
     CLIP_L_PREFIX,
     T5XXL_PREFIX,
+    VAE16_SLOT,
     DiTArchitecture,
     TextEncoder,
     dotted_and_underscored,
@@ -55,6 +56,7 @@ from lorasmith.archs.base import (
     LayoutEntry,
     Target,
 )
+from lorasmith.archs.parts import PartSlot, diffusion_model_slot, text_encoder_slot
 from lorasmith.errors import NotAvailableError
 from lorasmith.hookspecs import hookimpl
 
@@ -141,6 +143,14 @@ class Flux(DiTArchitecture):
     spellings: ClassVar[tuple[str, ...]] = ("kohya", "peft", "comfy", "onetrainer", "lycoris")
     modelspec: ClassVar[Mapping[str, str]] = {"dev": "flux-1-dev", "schnell": "flux-1-schnell"}
     base_model_version: ClassVar[Mapping[str, str]] = {"dev": "flux1", "schnell": "flux1"}
+    #: ComfyUI's all-in-one file: the VAE under ``vae.`` and both text encoders under ``text_encoders.``;
+    #: split as ``flux1-dev``, ``ae``, ``clip_l`` and ``t5xxl`` files.
+    component_parts: ClassVar[tuple[PartSlot, ...]] = (
+        diffusion_model_slot(),
+        VAE16_SLOT,
+        text_encoder_slot("clip_l"),
+        text_encoder_slot("t5xxl", filename="t5xxl.safetensors"),
+    )
     text_encoders: ClassVar[tuple[TextEncoder, ...]] = (
         TextEncoder(
             "te1",

@@ -12,8 +12,8 @@ one part (the same CLIP-L file serves SD1, SDXL, FLUX and SD3). Three declaratio
 - :class:`PartSlot`: where one part lives in a family's single-file checkpoint (its key prefix and the form
   stored there) and its file name when split. A family declares its slots through
   :meth:`lorasmith.archs.base.Architecture.part_slots` (the class attribute ``component_parts``) and the
-  kinds it introduces in ``Architecture.part_kinds``; the built-in families go through the same method
-  (their tables are :data:`BUILTIN_SLOTS`).
+  kinds it introduces in ``Architecture.part_kinds``. The built-in families declare theirs the same way,
+  each in its own module (``Flux.component_parts``...; SD1 overrides ``part_slots`` for SD2).
 - :class:`PartCatalog`: the kinds known to a registry, with the families that use each.
 
 :func:`detect_part` tells which part (and which form) a file is from names and tensor ranks alone (plus one
@@ -36,13 +36,13 @@ from lorasmith.archs.base import (
     load_packaged_inventory,
     split_lora_key,
 )
+from lorasmith.archs.layout_shapes import layout_parts, layout_shape
 from lorasmith.errors import PluginError
 
 if TYPE_CHECKING:
     from lorasmith.archs.base import Architecture
 
 __all__ = [
-    "BUILTIN_SLOTS",
     "PART_KINDS",
     "SLOT_OPTIONS",
     "PartCatalog",
@@ -50,7 +50,6 @@ __all__ = [
     "PartKind",
     "PartMatch",
     "PartSlot",
-    "builtin_slots",
     "default_catalog",
     "detect_part",
     "diffusion_model_slot",
@@ -361,64 +360,6 @@ PART_KINDS: dict[str, PartKind] = {
 
 
 # ------------------------------------------------------------------------------------- built-in slots
-_VAE4 = PartSlot("vae", "vae4", "first_stage_model.", "vae.safetensors", group="vae")
-
-#: The single-file layouts of the built-in families, ``(family, variant or None)`` -> slots (diffusion model
-#: first), returned by their :meth:`~lorasmith.archs.base.Architecture.part_slots`. FLUX and Z-Image keep
-#: the VAE under ``vae.`` (ComfyUI's ``vae_key_prefix`` for them), SD3 under ``first_stage_model.`` (the SD3
-#: Medium file, as sd-scripts' ``merge_sd3_safetensors`` writes it).
-BUILTIN_SLOTS: dict[tuple[str, str | None], tuple[PartSlot, ...]] = {
-    ("sd1", "sd1"): (
-        diffusion_model_slot(),
-        _VAE4,
-        PartSlot("clip_l", "clip_l", "cond_stage_model.transformer.", "clip_l.safetensors"),
-    ),
-    ("sd1", "sd2"): (
-        diffusion_model_slot(),
-        _VAE4,
-        PartSlot("text_encoder", "clip_h", "cond_stage_model.model.", "clip_h.safetensors", form="openclip"),
-    ),
-    ("sdxl", None): (
-        diffusion_model_slot(),
-        _VAE4,
-        PartSlot("clip_l", "clip_l", "conditioner.embedders.0.transformer.", "clip_l.safetensors"),
-        PartSlot("clip_g", "clip_g", "conditioner.embedders.1.model.", "clip_g.safetensors", form="openclip"),
-    ),
-    ("flux", None): (
-        diffusion_model_slot(),
-        PartSlot("vae", "vae16", "vae.", "ae.safetensors", group="vae"),
-        text_encoder_slot("clip_l"),
-        text_encoder_slot("t5xxl", filename="t5xxl.safetensors"),
-    ),
-    ("sd3", None): (
-        diffusion_model_slot(),
-        PartSlot("vae", "vae16", "first_stage_model.", "vae.safetensors", group="vae"),
-        text_encoder_slot("clip_l", required=False),
-        text_encoder_slot("clip_g", required=False),
-        text_encoder_slot("t5xxl", required=False, filename="t5xxl.safetensors"),
-    ),
-    ("zimage", None): (
-        diffusion_model_slot(),
-        PartSlot("vae", "vae16", "vae.", "ae.safetensors", group="vae"),
-        PartSlot(
-            "text_encoder",
-            "qwen3_4b",
-            "text_encoders.qwen3_4b.transformer.",
-            "qwen_3_4b.safetensors",
-            outer="text_encoders.qwen3_4b.",
-        ),
-    ),
-}
-
-
-def builtin_slots(family: str, variant: str | None) -> tuple[PartSlot, ...]:
-    """The :data:`BUILTIN_SLOTS` of ``family`` (``variant`` picks SD1 vs SD2); ``()`` for any other family."""
-    found = BUILTIN_SLOTS.get((family, variant)) or BUILTIN_SLOTS.get((family, None))
-    if found is None and family == "sd1":
-        found = BUILTIN_SLOTS[("sd1", "sd1")]
-    return found or ()
-
-
 # --------------------------------------------------------------------------------------------- forms
 @cache
 def form_inventory(kind: PartKind, form: str | None = None) -> Mapping[str, TensorSpec]:
@@ -430,9 +371,6 @@ def form_inventory(kind: PartKind, form: str | None = None) -> Mapping[str, Tens
     canonical = kind.tensors()
     if f.layout is None:
         return canonical
-    # the pure shape helpers of the convert layout code (torch-free)
-    from lorasmith.ops.layouts import layout_parts, layout_shape
-
     mapping = f.layout()
     out: dict[str, TensorSpec] = {}
     for key, spec in canonical.items():

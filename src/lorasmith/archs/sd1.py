@@ -31,6 +31,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import ClassVar
 
 from lorasmith.archs._unet import (
+    VAE4_SLOT,
     TextEncoderSpelling,
     UNetFamily,
     UNetSpelling,
@@ -42,6 +43,7 @@ from lorasmith.archs._unet import (
     unet_aliases,
 )
 from lorasmith.archs.base import Alias, Architecture, Inventory, KeyView, Kind, LayoutEntry
+from lorasmith.archs.parts import PartSlot, diffusion_model_slot
 from lorasmith.hookspecs import hookimpl
 
 _UNET_SPELLINGS: tuple[UNetSpelling, ...] = (
@@ -64,6 +66,19 @@ _NOTATIONS: Mapping[str, Sequence[str]] = {
     "sd1-26": ("BASE", *_IN_26, "M00", *_OUT_26),
 }
 
+#: The ldm single file's parts, the diffusion model first: SD1 holds CLIP-L under HF names ...
+_SD1_PARTS: tuple[PartSlot, ...] = (
+    diffusion_model_slot(),
+    VAE4_SLOT,
+    PartSlot("clip_l", "clip_l", "cond_stage_model.transformer.", "clip_l.safetensors"),
+)
+#: ... SD2 its OpenCLIP ViT-H tower, written as the HF form in ``clip_h.safetensors`` when split.
+_SD2_PARTS: tuple[PartSlot, ...] = (
+    diffusion_model_slot(),
+    VAE4_SLOT,
+    PartSlot("text_encoder", "clip_h", "cond_stage_model.model.", "clip_h.safetensors", form="openclip"),
+)
+
 
 class SD1(UNetFamily):
     """Stable Diffusion 1.x / 2.x: ldm single files, diffusers UNets and their LoRAs."""
@@ -78,6 +93,8 @@ class SD1(UNetFamily):
         "sd2": "stable-diffusion-v2-768-v",
     }
     base_model_version: ClassVar[Mapping[str, str]] = {"sd1": "sd_v1", "sd2": "sd_v2"}
+    #: the default variant's parts; :meth:`part_slots` gives SD2's for ``sd2``.
+    component_parts: ClassVar[tuple[PartSlot, ...]] = _SD1_PARTS
 
     unet_keymaps: ClassVar[Mapping[str, str]] = {"sd1": "sd1_unet", "sd2": "sd2_unet"}
     text_encoder_prefixes = ("cond_stage_model.",)
@@ -130,6 +147,10 @@ class SD1(UNetFamily):
     def block_notations(self) -> Mapping[str, Sequence[str]]:
         """``sd1-17`` (LoRA Block Weight, blocks with attention) and ``sd1-26`` (every block)."""
         return _NOTATIONS
+
+    def part_slots(self, variant: str | None = None) -> tuple[PartSlot, ...]:
+        """SD2's parts (OpenCLIP ViT-H text encoder) for ``sd2``; SD1's (CLIP-L) for any other variant."""
+        return _SD2_PARTS if variant == "sd2" else _SD1_PARTS
 
 
 @hookimpl

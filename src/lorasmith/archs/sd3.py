@@ -57,6 +57,7 @@ from lorasmith.archs.base import (
     LayoutEntry,
     Target,
 )
+from lorasmith.archs.parts import PartSlot, diffusion_model_slot, text_encoder_slot
 from lorasmith.hookspecs import hookimpl
 
 #: Prefix of the MMDiT in the canonical files.
@@ -152,6 +153,15 @@ class SD3(DiTArchitecture):
         "sd3.5-medium": "sd3",
         "sd3.5-large": "sd3",
     }
+    #: the SD3 Medium single file (as sd-scripts' ``merge_sd3_safetensors`` writes it): the VAE under
+    #: ``first_stage_model.``; the text encoders are optional (SD3.5 files often ship without them).
+    component_parts: ClassVar[tuple[PartSlot, ...]] = (
+        diffusion_model_slot(),
+        PartSlot("vae", "vae16", "first_stage_model.", "vae.safetensors", group="vae"),
+        text_encoder_slot("clip_l", required=False),
+        text_encoder_slot("clip_g", required=False),
+        text_encoder_slot("t5xxl", required=False, filename="t5xxl.safetensors"),
+    )
     text_encoders: ClassVar[tuple[TextEncoder, ...]] = (
         TextEncoder(
             "te1",

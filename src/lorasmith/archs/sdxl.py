@@ -24,6 +24,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import ClassVar
 
 from lorasmith.archs._unet import (
+    VAE4_SLOT,
     TextEncoderSpelling,
     UNetFamily,
     UNetSpelling,
@@ -36,6 +37,7 @@ from lorasmith.archs._unet import (
     unet_aliases,
 )
 from lorasmith.archs.base import Alias, Architecture, Inventory, LayoutEntry
+from lorasmith.archs.parts import PartSlot, diffusion_model_slot
 from lorasmith.hookspecs import hookimpl
 
 _UNET_SPELLINGS: tuple[UNetSpelling, ...] = (
@@ -71,6 +73,13 @@ class SDXL(UNetFamily):
     spellings = ("kohya", "kohya-diffusers", "peft", "comfy", "lycoris")
     modelspec: ClassVar[Mapping[str, str]] = {"base": "stable-diffusion-xl-v1-base"}
     base_model_version: ClassVar[Mapping[str, str]] = {"base": "sdxl_base_v1-0"}
+    #: the sgm single file's parts: CLIP-L under HF names, bigG in OpenCLIP form (HF form when split).
+    component_parts: ClassVar[tuple[PartSlot, ...]] = (
+        diffusion_model_slot(),
+        VAE4_SLOT,
+        PartSlot("clip_l", "clip_l", "conditioner.embedders.0.transformer.", "clip_l.safetensors"),
+        PartSlot("clip_g", "clip_g", "conditioner.embedders.1.model.", "clip_g.safetensors", form="openclip"),
+    )
 
     unet_keymaps: ClassVar[Mapping[str, str]] = {"base": "sdxl_unet"}
     text_encoder_prefixes = ("conditioner.",)

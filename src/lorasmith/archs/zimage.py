@@ -37,6 +37,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import ClassVar
 
 from lorasmith.archs._dit import (
+    VAE16_SLOT,
     DiTArchitecture,
     dotted_and_underscored,
     equal_row_slices,
@@ -44,6 +45,7 @@ from lorasmith.archs._dit import (
     weight_paths,
 )
 from lorasmith.archs.base import Alias, Architecture, LayoutEntry, Target
+from lorasmith.archs.parts import PartSlot, diffusion_model_slot
 from lorasmith.hookspecs import hookimpl
 
 _QKV = ("attention.to_q", "attention.to_k", "attention.to_v")
@@ -103,6 +105,19 @@ class ZImage(DiTArchitecture):
     base_model_version: ClassVar[Mapping[str, str]] = {"z-image": "zimage"}
     #: ComfyUI loads only fused q/k/v for Z-Image: musubi's split ``attention_to_q`` names are skipped.
     comfyui_rejects: ClassVar[frozenset[str]] = frozenset({"musubi"})
+    #: ComfyUI's all-in-one file: the VAE under ``vae.``, Qwen3-4B under ``text_encoders.qwen3_4b.``; split
+    #: as the transformer, ``ae`` and ``qwen_3_4b`` files.
+    component_parts: ClassVar[tuple[PartSlot, ...]] = (
+        diffusion_model_slot(),
+        VAE16_SLOT,
+        PartSlot(
+            "text_encoder",
+            "qwen3_4b",
+            "text_encoders.qwen3_4b.transformer.",
+            "qwen_3_4b.safetensors",
+            outer="text_encoders.qwen3_4b.",
+        ),
+    )
 
     def _generate_aliases(self, variant: str) -> Iterator[Alias]:
         for path, spec in weight_paths(self.modules(variant)):

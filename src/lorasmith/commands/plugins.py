@@ -1,12 +1,13 @@
-"""``lorasmith plugins``: the loaded plugins, their families and versions."""
+"""``lorasmith plugins``: the loaded plugins, their families and versions, and each family's parts."""
 
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from lorasmith.commands._common import JsonOpt, guarded
-from lorasmith.ops.plugins import PluginsResult, list_plugins
+from lorasmith.ops.plugins import FamilyRow, PartRow, PluginsResult, list_plugins
 from lorasmith.output import emit
 
 
@@ -30,9 +31,45 @@ def _render(console: Console, result: PluginsResult) -> None:
             ", ".join(f.block_notations),
         )
     console.print(fams)
+    _render_parts(console, result.families)
+
+
+def _notes(family: FamilyRow, part: PartRow) -> str:
+    notes = []
+    if part.variants != family.variants:
+        notes.append(f"variant {', '.join(part.variants)}")
+    if not part.required:
+        notes.append("optional")
+    if part.form != part.file_form:
+        notes.append(f"{part.form} form in the single file")
+    if part.kind in family.part_kinds:
+        notes.append("kind declared by the family")
+    return "; ".join(notes)
+
+
+def _render_parts(console: Console, families: list[FamilyRow]) -> None:
+    """The parts of each family's single-file checkpoint (what ``convert --split``/``--assemble`` use)."""
+    table = Table(title="parts", title_justify="left")
+    for col in ("family", "part", "option", "kind", "single-file prefix", "split file", "notes"):
+        table.add_column(col)
+    for f in families:
+        for p in f.parts:
+            kind = (
+                p.kind_name
+                if p.kind is None or p.kind_name.startswith(p.kind)
+                else f"{p.kind} ({p.kind_name})"
+            )
+            cells = (f.id, p.name, p.option, kind, p.prefix, p.file or "<checkpoint name>", _notes(f, p))
+            # plugin-given names may hold [brackets]: never read them as markup
+            table.add_row(*(escape(c) for c in cells))
+    if table.row_count:
+        console.print(table)
+    bare = [f.id for f in families if not f.parts]
+    if bare:
+        console.print(f"families without separate parts: {', '.join(bare)}")
 
 
 @guarded
 def command(as_json: JsonOpt = False) -> None:
-    """List the loaded plugins, the families they provide and their versions."""
+    """List the loaded plugins, the families they provide and their versions, and each family's parts."""
     emit(list_plugins(), as_json, _render)

@@ -2,7 +2,7 @@
 
 A single-file checkpoint is the concatenation of its parts, each under a prefix its loaders expect. Every
 family, built-in or plugin, declares them through :meth:`~lorasmith.archs.base.Architecture.part_slots`
-(:class:`~lorasmith.archs.parts.PartSlot`); the built-in tables (:data:`lorasmith.archs.parts.BUILTIN_SLOTS`):
+(:class:`~lorasmith.archs.parts.PartSlot`); the built-in tables (declared in each family's module):
 
 ========  ==========================  ==============================================================
 family    slot (kind, stored form)    single-file prefix (separate file name when split)

@@ -15,6 +15,9 @@ Transforms (:attr:`~lorasmith.archs.base.LayoutEntry.transform`), canonical -> l
 - ``drop_1x1``: a ``[C, C, 1, 1]`` 1x1 conv stored as a ``[C, C]`` linear (SD VAE mid-block attention);
 - ``transpose``: a 2-D tensor transposed (OpenCLIP ``text_projection`` -> HF ``text_projection.weight``).
 
+The torch-free shape helpers (:func:`layout_parts`, :func:`layout_shape`, :func:`canonical_shape`) live in
+:mod:`lorasmith.archs.layout_shapes` (the family layer uses them too) and are re-exported here.
+
 A diffusers output is a folder: each model's weights (``<sub>/diffusion_pytorch_model.safetensors``, or
 ``<sub>/model.safetensors`` for the transformers text encoders) with a ``config.json`` written from the
 weights' shapes (:mod:`lorasmith.ops._diffusers_configs`), plus ``model_index.json`` and the scheduler config
@@ -42,6 +45,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, NamedTuple
 
 from lorasmith.archs.base import Architecture, Inventory, LayoutEntry
+from lorasmith.archs.layout_shapes import canonical_shape, layout_parts, layout_shape
 from lorasmith.errors import InvalidFileError, NotAvailableError, OutputExistsError
 from lorasmith.progress import ProgressCallback, ProgressEvent
 
@@ -59,9 +63,11 @@ __all__ = [
     "FolderPlan",
     "LayoutSource",
     "TempFolder",
+    "canonical_shape",
     "canonical_to_layout",
     "diffusers_inventory",
     "layout_parts",
+    "layout_shape",
     "layout_to_canonical",
     "main_header",
     "main_weights",
@@ -170,42 +176,6 @@ def main_header(src: Path) -> Header:
 
 
 # ------------------------------------------------------------------------------------------ transforms
-def layout_parts(entry: LayoutEntry, rows_total: int) -> list[tuple[str, int]]:
-    """``(layout key, rows)`` of each part for a canonical tensor with ``rows_total`` rows along ``dim``."""
-    if len(entry.parts) == 1:
-        return [(entry.parts[0][0], rows_total)]
-    real = [r for _, r in entry.parts]
-    if any(r is None for r in real):
-        raise NotAvailableError("a layout entry with several parts must give every part's rows")
-    total = sum(r for r in real if r is not None)
-    out = []
-    for key, r in entry.parts:
-        assert r is not None
-        local, rem = divmod(r * rows_total, total)
-        if rem:
-            raise InvalidFileError(f"{key}: {rows_total} rows do not split like the model's {total}")
-        out.append((key, local))
-    return out
-
-
-def layout_shape(shape: tuple[int, ...], transform: str | None) -> tuple[int, ...]:
-    """The shape a canonical tensor of ``shape`` has in the layout (before splitting)."""
-    if transform == "drop_1x1":
-        return shape[:2]
-    if transform == "transpose":
-        return shape[::-1]
-    return shape
-
-
-def canonical_shape(shape: tuple[int, ...], transform: str | None) -> tuple[int, ...]:
-    """The inverse of :func:`layout_shape`."""
-    if transform == "drop_1x1":
-        return (*shape, 1, 1)
-    if transform == "transpose":
-        return shape[::-1]
-    return shape
-
-
 def _swap(t: torch.Tensor, dim: int) -> torch.Tensor:
     import torch
 
