@@ -19,7 +19,7 @@ import pytest
 
 from lorasmith.errors import InvalidFileError
 from lorasmith.io import writer as io_writer
-from lorasmith.ops import layouts
+from lorasmith.ops import _diffusers_weights, layouts
 from lorasmith.ops.convert import convert
 from lorasmith.registry import get
 from lorasmith.testing import make_checkpoint
@@ -102,7 +102,7 @@ def test_a_failure_while_writing_configs_leaves_nothing(
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("config bug")
 
-    monkeypatch.setattr(layouts, "_write_json", broken)
+    monkeypatch.setattr(_diffusers_weights, "write_json", broken)
     with pytest.raises(RuntimeError, match="config bug"):
         convert(sd1, tmp_path / "pipe", to="diffusers")
     assert _listing(tmp_path) == []
@@ -110,12 +110,20 @@ def test_a_failure_while_writing_configs_leaves_nothing(
 
 def test_the_folder_gets_ordinary_permissions(tmp_path: Path, sd1: Path) -> None:
     out = tmp_path / "pipe"
+    sharded = tmp_path / "sharded"
     old = os.umask(0o022)
     try:
         convert(sd1, out, to="diffusers")
+        convert(sd1, sharded, to="diffusers", shard_size="100KB")
     finally:
         os.umask(old)
-    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    for folder in (out, sharded):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+        # and every file in it those of any new file (config.json and shard indexes too, not 0600)
+        files = {str(p.relative_to(folder)): p for p in folder.rglob("*") if p.is_file()}
+        assert "unet/config.json" in files
+        assert {k: stat.S_IMODE(p.stat().st_mode) for k, p in files.items()} == dict.fromkeys(files, 0o644)
+    assert (sharded / "unet" / "diffusion_pytorch_model.safetensors.index.json").is_file()
 
 
 def test_an_uncommitted_temp_folder_is_removed_when_dropped(tmp_path: Path) -> None:

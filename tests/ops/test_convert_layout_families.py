@@ -212,16 +212,21 @@ def test_cli_layout_json(tmp_path: Path) -> None:
     assert sum(data["dtypes"].values()) == data["tensors"] == 1143
 
 
-def test_a_family_without_a_layout_map_is_a_clear_error(tmp_path: Path) -> None:
+def test_a_family_without_a_layout_map_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A plugin family with a diffusers inventory but no layout_map: "no key map", nothing written."""
+    from lorasmith import registry as registry_module
     from lorasmith.errors import NotAvailableError
-    from lorasmith.ops.layouts import canonical_to_layout
-    from lorasmith.progress import noop
+    from lorasmith.ops.convert import convert
+    from lorasmith.registry import Registry
     from lorasmith.testing import ToyArch
+    from lorasmith.testing import toy as toy_module
 
+    monkeypatch.setattr(registry_module, "_REGISTRY", Registry(autoload=False, plugins=[("toy", toy_module)]))
     toy = ToyArch()
     src = tmp_path / "toy.safetensors"
     make_checkpoint(toy, src)
     with pytest.raises(NotAvailableError, match="no key map"):
-        canonical_to_layout(src, tmp_path / "out", arch=toy, variant=None, overwrite=False, progress=noop)
+        convert(src, tmp_path / "out", to="diffusers", arch=toy.id)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["toy.safetensors"]

@@ -1,4 +1,5 @@
-"""``lorasmith convert``: LoRA spellings (rename, fuse, split), dtypes, pickles to safetensors."""
+"""``lorasmith convert``: LoRA spellings (rename, fuse, split), dtypes, pickles to safetensors, checkpoint
+layouts (single file <-> diffusers folder, optionally sharded)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,11 @@ def render(console: Console, r: ConvertResult) -> None:
     console.print(f"{r.input} -> {r.output} ({r.file_bytes:,} bytes, {r.tensors} tensors)", markup=False)
     if r.arch:
         console.print(f"  family {r.arch}" + (f" ({r.variant})" if r.variant else ""), markup=False)
+    if r.kind == "checkpoint" and r.to_spelling:
+        console.print(f"  layout {r.to_spelling}", markup=False)
+    if any(n > 1 for n in r.shards.values()):
+        sharded = ", ".join(f"{sub} {n}" for sub, n in r.shards.items() if n > 1)
+        console.print(f"  shards: {sharded}", markup=False)
     if r.kind == "lora":
         console.print(f"  spelling {r.from_spelling} -> {r.to_spelling}", markup=False)
         counts = ", ".join(f"{n} {mode}" for mode, n in sorted(r.counts.items()))
@@ -87,6 +93,14 @@ def command(
     vae_dtype: Annotated[
         str | None, typer.Option("--vae-dtype", help="Checkpoints: dtype of the VAE.")
     ] = None,
+    shard_size: Annotated[
+        str | None,
+        typer.Option(
+            "--shard-size",
+            help="--to diffusers: largest weights file per model, e.g. 5GB, 500MB, 10GiB (GB = 10^9 bytes); "
+            "larger models are written as shards with an index. Default: one file per model.",
+        ),
+    ] = None,
     lossy: Annotated[
         bool, typer.Option("--lossy", help="Allow lossy conversions (through an SVD; errors reported).")
     ] = False,
@@ -123,7 +137,8 @@ def command(
     verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Convert a LoRA between spellings, or change dtypes, or turn a pickle into safetensors."""
+    """Convert a LoRA between spellings, change dtypes, turn a pickle into safetensors, or change a
+    checkpoint's layout (--to diffusers [--shard-size 5GB], --to single)."""
     global _VERBOSE
     from lorasmith.ops.convert import convert
 
@@ -138,6 +153,13 @@ def command(
     }
     if assemble or split is not None or any(v is not None for v in parts.values()):
         from lorasmith.commands._components import run_convert
+
+        if shard_size is not None:
+            from lorasmith.errors import UsageError
+
+            raise UsageError(
+                "--shard-size applies to --to diffusers, not to --assemble/--split", hint="drop --shard-size"
+            )
 
         with (
             write_checks(allow_nonfinite=allow_nonfinite, verify=verify),
@@ -182,5 +204,6 @@ def command(
             arch=arch,
             overwrite=overwrite,
             progress=progress,
+            shard_size=shard_size,
         )
     emit(result, as_json, render)

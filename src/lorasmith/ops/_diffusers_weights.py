@@ -20,27 +20,48 @@ these forms; the first one found is read, safetensors before pickles:
 whole. :meth:`ModelWeights.order` gives the tensors in storage order (shard by shard), the order that reads
 each shard once.
 
-Internal to :mod:`lorasmith.ops.layouts`.
+Writing is the mirror image (:class:`ModelWeightsWriter`): one model's weights as one file, or, with a
+shard size, as ``save_pretrained(max_shard_size=...)`` lays them out (:func:`plan_shards`,
+:func:`parse_shard_size`): ``<stem>-00001-of-0000N.safetensors`` shards plus ``<stem>.safetensors.index.json``
+holding ``metadata.total_size`` and ``weight_map``; a model that fits in one shard stays one unsharded file.
+
+Internal to :mod:`lorasmith.ops.layouts` and :mod:`lorasmith.ops.convert`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
-from lorasmith.errors import InvalidFileError
+from lorasmith.errors import InvalidFileError, UsageError
 from lorasmith.io.header import Header, TensorInfo, dtype_nbytes, read_header
 
 if TYPE_CHECKING:
     import torch
 
     from lorasmith.io.reader import TensorFile
+    from lorasmith.io.writer import SafetensorsWriter
 
-__all__ = ["WEIGHT_STEMS", "ModelWeights", "find_weights", "open_weights"]
+__all__ = [
+    "WEIGHT_STEMS",
+    "ModelWeights",
+    "ModelWeightsWriter",
+    "ModelWriteResult",
+    "find_weights",
+    "index_file_name",
+    "open_weights",
+    "parse_shard_size",
+    "plan_shards",
+    "shard_file_name",
+    "write_json",
+]
 
 #: stems of the safetensors weights (diffusers, transformers) and of the pickle weights.
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
@@ -94,11 +115,15 @@ def find_weights(folder: Path) -> tuple[Path, Kind] | None:
     return None  # pragma: no cover - a shard name matched, but no file of the variant's forms exists
 
 
+#: suffixes of the pickle files :func:`open_weights` reads (through the safe loader).
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+
+
 def _kind_of_file(path: Path) -> Kind:
     name = path.name
     if name.endswith(".json"):
         return "pickle-shards" if ".bin.index" in name else "safetensors-shards"
-    if name.endswith(".bin"):
+    if path.suffix.lower() in PICKLE_SUFFIXES:
         return "pickle"
     return "safetensors"
 
@@ -271,3 +296,273 @@ def open_weights(path: Path, kind: Kind | None = None) -> ModelWeights:
                 hint="the shards do not belong to this index; download them again",
             )
     return ModelWeights(path, kind, infos, metadata or {}, [path, *shards], where)
+
+
+# --------------------------------------------------------------------------------------------- writing
+#: units of a shard size: decimal as ``huggingface_hub`` reads them (``5GB`` is 5 * 10**9 bytes), binary
+#: with an ``i`` (``10GiB`` is 10 * 2**30 bytes); case does not matter and a bare number is bytes.
+SIZE_UNITS: dict[str, int] = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*$")
+_SIZE_HINT = "give a size such as 5GB, 500MB or 10GiB (GB = 10^9 bytes, GiB = 2^30 bytes)"
+
+
+def parse_shard_size(size: str | int, option: str = "--shard-size") -> int:
+    """Bytes named by a shard size: ``"5GB"``, ``"500MB"``, ``"1.5GB"``, ``"10GiB"``, ``"4096"`` or an int.
+
+    Units are those of :data:`SIZE_UNITS`. Fractions are exact (``1.1GB`` is 1,100,000,000 bytes),
+    rounded down to a whole byte.
+
+    :raises UsageError: not a size, an unknown unit, or less than one byte.
+    """
+    from decimal import Decimal
+
+    if isinstance(size, bool) or not isinstance(size, (int, str)):
+        raise UsageError(f"{option} {size!r} is not a size", hint=_SIZE_HINT)
+    if isinstance(size, int):
+        n = size
+    else:
+        m = _SIZE.match(size)
+        if m is None:
+            raise UsageError(f"{option} {size!r} is not a size", hint=_SIZE_HINT)
+        unit = m.group(2).upper() or "B"
+        if unit not in SIZE_UNITS:
+            raise UsageError(f"{option} {size!r}: unknown unit {m.group(2)!r}", hint=_SIZE_HINT)
+        n = int(Decimal(m.group(1)) * SIZE_UNITS[unit])
+    if n < 1:
+        raise UsageError(f"{option} {size!r} is less than one byte", hint=_SIZE_HINT)
+    return n
+
+
+def plan_shards(sizes: Sequence[tuple[str, int]], max_bytes: int) -> list[list[str]]:
+    """Group tensors ``(name, bytes)`` into shards of at most ``max_bytes`` each, as ``save_pretrained`` does.
+
+    Tensors are taken in the order given and never split: a tensor that would take the current shard over
+    the limit starts the next one, and a tensor larger than the limit gets a shard of its own (placed
+    where it is met, the current shard staying open for the tensors after it). No reordering is tried to
+    fill shards better. An empty list gives no shard.
+    """
+    shards: list[list[str]] = []
+    current: list[str] = []
+    used = 0
+    for name, nbytes in sizes:
+        if nbytes > max_bytes:
+            shards.append([name])
+            continue
+        if current and used + nbytes > max_bytes:
+            shards.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += nbytes
+    if current:
+        shards.append(current)
+    return shards
+
+
+def shard_file_name(name: str, index: int, count: int) -> str:
+    """The file of shard ``index`` (from 1) of ``count`` for weights file ``name``:
+    ``diffusion_pytorch_model.safetensors`` -> ``diffusion_pytorch_model-00002-of-00003.safetensors``."""
+    stem, dot, ext = name.rpartition(".")
+    if not dot:
+        stem, ext = name, ""
+    return f"{stem}-{index:05d}-of-{count:05d}" + (f".{ext}" if ext else "")
+
+
+def index_file_name(name: str) -> str:
+    """The shard index of weights file ``name``: ``model.safetensors`` -> ``model.safetensors.index.json``."""
+    return f"{name}.index.json"
+
+
+@dataclass(frozen=True)
+class ModelWriteResult:
+    """What :meth:`ModelWeightsWriter.close` wrote.
+
+    :ivar path: what names the weights: the one file, or the shard index.
+    :ivar files: the weights files (one, or every shard in order).
+    :ivar file_bytes: total size of the weights files (the index not counted).
+    :ivar total_size: bytes of tensor data (the index's ``metadata.total_size``).
+    :ivar sshs_model_hash: the hash of the one file; ``None`` when sharded (each shard has its own).
+    """
+
+    path: Path
+    files: list[Path]
+    file_bytes: int
+    total_size: int
+    sshs_model_hash: str | None
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the weights were written as several shards with an index."""
+        return len(self.files) > 1
+
+
+def _tensor_bytes(dtype: str, shape: Sequence[int]) -> int:
+    numel = 1
+    for d in shape:
+        numel *= int(d)
+    return dtype_nbytes(dtype, numel) or 0
+
+
+def write_json(path: Path, data: Mapping[str, object]) -> None:
+    """Write ``data`` as ``save_pretrained`` writes its JSON files (indent 2, keys sorted, a final newline),
+    atomically (a temporary file replaced into place), with the mode any new file gets (umask)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        mask = os.umask(0)
+        os.umask(mask)
+        os.fchmod(fd, 0o666 & ~mask)  # mkstemp's files are private (0600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class ModelWeightsWriter:
+    """Write one model's weights into ``folder`` the way ``save_pretrained`` stores them.
+
+    Without ``max_shard_size`` (or when everything fits in one shard) the model is one file, ``name``.
+    Otherwise the tensors, in plan order, are grouped by :func:`plan_shards` into
+    ``<stem>-0000k-of-0000N.<ext>`` files (:func:`shard_file_name`) and ``<name>.index.json`` is written
+    with ``{"metadata": {"total_size": <tensor bytes>}, "weight_map": {tensor: shard file}}`` (keys sorted,
+    indented by 2, as ``save_pretrained`` writes it). Every shard carries ``metadata``.
+
+    Each file is a planned :class:`~lorasmith.io.writer.SafetensorsWriter`: tensors may come in any order
+    and memory holds only the tensor being written. A shard's file is opened at its first tensor and
+    finished as soon as its last one is written, so few files are open at a time. The shards are complete
+    files only once :meth:`close` returns; meant to be used inside a
+    :class:`~lorasmith.ops.layouts.TempFolder`, which makes the whole folder appear at once. :meth:`abort`
+    (and leaving the ``with`` block by an exception) removes every file this writer made.
+
+    :param folder: an existing folder (the model's subfolder).
+    :param name: the unsharded weights file name (``diffusion_pytorch_model.safetensors``...).
+    :param plan: tensor name -> ``(safetensors dtype, shape)``, in the order the shards are filled.
+    :param metadata: safetensors metadata of every file (hashes are added per file by the writer).
+    :param max_shard_size: the largest shard in bytes (see :func:`parse_shard_size`); ``None``: one file.
+    :ivar files: the weights files that will be written, in order.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        name: str,
+        *,
+        plan: Mapping[str, tuple[str, Sequence[int]]],
+        metadata: Mapping[str, str] | None = None,
+        max_shard_size: int | None = None,
+    ) -> None:
+        self.folder = folder
+        self.name = name
+        self._metadata = dict(metadata) if metadata is not None else None
+        sizes = [(k, _tensor_bytes(dtype, shape)) for k, (dtype, shape) in plan.items()]
+        self.total_size = sum(n for _, n in sizes)
+        groups = plan_shards(sizes, max_shard_size) if max_shard_size is not None else [list(plan)]
+        if len(groups) <= 1:
+            groups = [list(plan)]
+            self.files = [folder / name]
+        else:
+            self.files = [folder / shard_file_name(name, i + 1, len(groups)) for i in range(len(groups))]
+        self._plans = [{k: (plan[k][0], tuple(plan[k][1])) for k in g} for g in groups]
+        self._shard_of = {k: i for i, g in enumerate(groups) for k in g}
+        self._left = [set(g) for g in groups]
+        self._open: dict[int, SafetensorsWriter] = {}
+        self._finished: dict[int, tuple[Path, int, str | None]] = {}
+        self._index: Path | None = None
+        self._result: ModelWriteResult | None = None
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the weights are written as several shards with an index."""
+        return len(self.files) > 1
+
+    def _writer(self, i: int) -> SafetensorsWriter:
+        w = self._open.get(i)
+        if w is None:
+            from lorasmith.io.writer import SafetensorsWriter
+
+            w = self._open[i] = SafetensorsWriter(self.files[i], metadata=self._metadata, plan=self._plans[i])
+        return w
+
+    def _finish(self, i: int) -> None:
+        w = self._writer(i)
+        written = w.close()
+        del self._open[i]
+        self._finished[i] = (written.path, written.file_bytes, written.sshs_model_hash)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write one planned tensor (in its planned dtype and shape) into its file.
+
+        :raises ValueError: a name not in the plan, written twice, or of another dtype/shape than planned.
+        """
+        i = self._shard_of.get(name)
+        if i is None:
+            raise ValueError(f"{self.folder / self.name}: tensor {name!r} is not planned")
+        self._writer(i).write(name, tensor)
+        self._left[i].discard(name)
+        if not self._left[i]:
+            self._finish(i)
+
+    def close(self) -> ModelWriteResult:
+        """Finish every file and, when sharded, write the index. Idempotent.
+
+        :raises ValueError: planned tensors that were never written (nothing is left behind).
+        """
+        if self._result is not None:
+            return self._result
+        try:
+            for i in range(len(self.files)):
+                if i not in self._finished:
+                    self._finish(i)  # the writer names what was never written
+            if self.sharded:
+                self._index = self.folder / index_file_name(self.name)
+                weight_map = {k: self.files[i].name for k, i in self._shard_of.items()}
+                write_json(
+                    self._index, {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
+                )
+        except BaseException:
+            self.abort()
+            raise
+        done = [self._finished[i] for i in range(len(self.files))]
+        self._result = ModelWriteResult(
+            path=self._index if self._index is not None else self.files[0],
+            files=list(self.files),
+            file_bytes=sum(n for _, n, _ in done),
+            total_size=self.total_size,
+            sshs_model_hash=None if self.sharded else done[0][2],
+        )
+        return self._result
+
+    def abort(self) -> None:
+        """Stop writing and remove every file written so far (idempotent; nothing happens after close)."""
+        if self._result is not None:
+            return
+        for w in self._open.values():
+            w.abort()
+        self._open.clear()
+        for path, _n, _h in self._finished.values():
+            path.unlink(missing_ok=True)
+        self._finished.clear()
+        if self._index is not None:
+            self._index.unlink(missing_ok=True)
+
+    def __enter__(self) -> ModelWeightsWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

@@ -10,9 +10,15 @@
   prefixes), streaming tensor by tensor through a planned writer;
 - a **pickle** (``.ckpt``, ``.pt``, ``.pth``, ``.bin``): read only through ``torch.load(weights_only=True)``
   (:mod:`lorasmith.ops.pickles`), then written as safetensors like a checkpoint (or a LoRA);
-- a **checkpoint** with ``to="diffusers"``, or a **diffusers folder** (its weights in one file, sharded or
-  ``.bin``) or one of its weights files / shard indexes with ``to="single"``: the layout is changed
-  (:mod:`lorasmith.ops.layouts`; FLUX.1, SD1/SD2, SDXL, SD3/SD3.5, Z-Image).
+- a **checkpoint** (safetensors, pickle, or shards with their index) with ``to="diffusers"``, or a
+  **diffusers folder** (its weights in one file, sharded or ``.bin``) or one of its weights files, pickles
+  or shard indexes with ``to="single"``: the layout is changed (:mod:`lorasmith.ops.layouts`; FLUX.1,
+  SD1/SD2, SDXL, SD3/SD3.5, Z-Image), dtypes are cast per component on the way, and ``shard_size``
+  writes each model of the folder as ``save_pretrained`` shards with an index
+  (:class:`~lorasmith.ops._diffusers_weights.ModelWeightsWriter`).
+
+Every input kind meets every ``to`` value with a result or a one-line error (``docs/convert.md`` has
+the table; ``tests/ops/test_convert_matrix.py`` runs it).
 
 Every output is written atomically with the input's metadata kept (stale hashes recomputed by the writer)
 and a ``lorasmith_convert`` record of what was done.
@@ -22,7 +28,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -36,7 +43,8 @@ from lorasmith.progress import ProgressCallback, ProgressEvent, noop
 if TYPE_CHECKING:
     import torch
 
-    from lorasmith.archs.base import KeyView
+    from lorasmith.archs.base import Architecture, KeyView
+    from lorasmith.ops._diffusers_weights import ModelWeights
     from lorasmith.ops.loralib import Unit
 
 __all__ = ["CastReport", "ConvertResult", "ModuleReport", "convert"]
@@ -95,7 +103,9 @@ class ConvertResult(BaseModel):
     :ivar tensors: tensors written.
     :ivar dropped: entries of a pickle that were not tensors (dropped).
     :ivar file_bytes: size of the output.
-    :ivar sshs_model_hash: the output's recomputed hash.
+    :ivar sshs_model_hash: the output's recomputed hash (of the main model's weights file for a folder;
+        ``None`` when those are sharded).
+    :ivar shards: for a diffusers folder output, subfolder -> number of weights files (1: unsharded).
     :ivar warnings: things the user should know.
     """
 
@@ -115,6 +125,7 @@ class ConvertResult(BaseModel):
     dropped: list[str] = Field(default_factory=list)
     file_bytes: int = 0
     sshs_model_hash: str | None = None
+    shards: dict[str, int] = Field(default_factory=dict)
     warnings: list[str] = Field(default_factory=list)
 
 
@@ -147,14 +158,18 @@ def convert(
     arch: str | None = None,
     overwrite: bool = False,
     progress: ProgressCallback | None = None,
+    shard_size: str | int | None = None,
 ) -> ConvertResult:
     """Convert one file (see the module docstring).
 
-    :param input: a ``.safetensors`` LoRA or checkpoint, or a pickle (``.ckpt``/``.pt``/``.pth``/``.bin``).
-    :param output: the ``.safetensors`` file to write.
+    :param input: a ``.safetensors`` LoRA or checkpoint, a pickle (``.ckpt``/``.pt``/``.pth``/``.bin``),
+        a shard index (``*.safetensors.index.json``, ``*.bin.index.json``) or a diffusers folder.
+    :param output: the ``.safetensors`` file to write (a folder for ``to="diffusers"`` on a checkpoint).
     :param to: LoRA target spelling (``comfy``, ``kohya``, ``peft``/``diffusers``, ``aitk``, ``musubi``,
         ``onetrainer``, ``lycoris``, ``comfy-keys``, ``keep``...). Default for a LoRA: ``comfy`` (the
-        family's ComfyUI-loadable default spelling), or ``keep`` when only a dtype is asked for.
+        family's ComfyUI-loadable default spelling), or ``keep`` when only a dtype is asked for. On a
+        checkpoint: ``diffusers`` (a folder) or ``single`` (also ``original``, ``bfl``), the layout to
+        write; ``keep`` (or nothing) keeps the layout.
     :param dtype: ``fp32``, ``fp16``, ``bf16``, ``fp8_e4m3fn`` or ``fp8_e5m2`` for every floating tensor
         (LoRA alphas excepted); the per-component options override it on checkpoints.
     :param lossy: allow conversions that lose information (through an SVD; the error is reported).
@@ -162,6 +177,10 @@ def convert(
         that meets it).
     :param lossy_rank: the largest rank of a lossy module.
     :param arch: force the family instead of detecting it.
+    :param shard_size: with ``to="diffusers"`` on a checkpoint, the largest weights file of each model
+        (bytes, or ``"5GB"``, ``"500MB"``, ``"10GiB"``...; see
+        :func:`~lorasmith.ops._diffusers_weights.parse_shard_size`): larger models are written as
+        ``save_pretrained`` shards with an index. Default: one file per model.
     :raises LorasmithError: see the ops this dispatches to; bad option values are :class:`UsageError`.
     """
     prog = progress or noop
@@ -182,24 +201,66 @@ def convert(
         raise UsageError(f"--lossy-tol {lossy_tol} is out of range", hint="give a fraction such as 0.01")
     if lossy_rank is not None and lossy_rank < 1:
         raise UsageError(f"--lossy-rank {lossy_rank} must be at least 1")
-    if to is not None and to.strip().lower() in LAYOUT_WORDS and (src.is_dir() or _is_checkpoint(src)):
-        return _convert_layout(src, Path(output), LAYOUT_WORDS[to.strip().lower()], arch, overwrite, prog)
+    word = to.strip().lower() if to is not None else None
+    layout = LAYOUT_WORDS.get(word) if word is not None else None
+    shard: int | None = None
+    if shard_size is not None:
+        from lorasmith.ops._diffusers_weights import parse_shard_size
+
+        shard = parse_shard_size(shard_size)
+        if layout != "diffusers":
+            raise UsageError(
+                "--shard-size applies to --to diffusers (a checkpoint written as a diffusers folder)",
+                hint="drop --shard-size, or add --to diffusers",
+            )
     if src.is_dir():
+        if layout is not None:
+            return _convert_layout(src, Path(output), layout, dtypes, arch, shard, overwrite, prog)
+        if word is not None and word != "keep":
+            raise UsageError(
+                f"{src}: --to {to} names a LoRA spelling, but this folder is a diffusers checkpoint",
+                hint="use --to single to write the folder as one file",
+            )
         raise InvalidFileError(f"{src}: is a folder", hint="a diffusers folder converts with --to single")
+    kind = _input_kind(src)
+    is_lora = False
+    if kind == "safetensors":
+        from lorasmith.archs.base import lora_modules
+        from lorasmith.io.header import read_header
+
+        is_lora = bool(lora_modules(read_header(src).tensors))
+    if layout is not None and not is_lora:
+        return _convert_layout(src, Path(output), layout, dtypes, arch, shard, overwrite, prog)
+    if kind == "index":
+        raise UsageError(
+            f"{src}: a shard index is converted with --to single (or --to diffusers)",
+            hint="add --to single to write the sharded model as one file",
+        )
     from lorasmith.io.writer import check_output_path
 
     check_output_path(output, overwrite=overwrite, inputs=[src])
-    if _is_pickle(src):
+    if kind == "pickle":
+        if word is not None and word != "keep":
+            raise UsageError(
+                f"{src}: --to {to} names a LoRA spelling, which a pickle cannot be converted to directly",
+                hint=f"convert it to .safetensors first (-o x.safetensors), then convert that with --to {to}",
+            )
         from lorasmith.ops.pickles import pickle_to_safetensors
 
         return pickle_to_safetensors(
             src, Path(output), dtypes=dtypes, arch=arch, overwrite=overwrite, progress=prog
         )
-    from lorasmith.archs.base import lora_modules
-    from lorasmith.io.header import read_header
-
-    header = read_header(src)
-    if lora_modules(header.tensors):
+    if is_lora:
+        if layout is not None and layout != "diffusers":
+            raise UsageError(
+                f"{src}: --to {to} is a checkpoint layout, but this file is a LoRA",
+                hint="give a LoRA spelling: comfy, kohya, peft, aitk, musubi, onetrainer, lycoris, keep",
+            )
+        if shard is not None:
+            raise UsageError(
+                "--shard-size applies to checkpoints written as diffusers folders, and this file is a LoRA",
+                hint="drop --shard-size",
+            )
         if any(dtypes[k] is not None for k in ("unet", "te", "vae")):
             raise UsageError(
                 "--unet-dtype/--te-dtype/--vae-dtype apply to checkpoints", hint="use --dtype for a LoRA"
@@ -216,61 +277,417 @@ def convert(
             overwrite=overwrite,
             progress=prog,
         )
-    if to is not None:
+    if word is not None and word != "keep":
         raise UsageError(
             f"{src}: --to {to} names a LoRA spelling, but this file is a checkpoint",
-            hint="use --dtype/--unet-dtype/--te-dtype/--vae-dtype for a checkpoint",
+            hint="use --to diffusers or single for a layout, --dtype (or a per-component dtype) to cast",
         )
     if all(v is None for v in dtypes.values()):
         raise UsageError(
             f"{src}: nothing to do for a checkpoint",
-            hint="give --dtype (or --unet-dtype/--te-dtype/--vae-dtype)",
+            hint="give --dtype (or --unet-dtype/--te-dtype/--vae-dtype), or --to diffusers",
         )
     return convert_checkpoint_dtype(
         src, Path(output), dtypes=dtypes, arch=arch, overwrite=overwrite, progress=prog
     )
 
 
-def _is_checkpoint(src: Path) -> bool:
-    from lorasmith.archs.base import lora_modules
-    from lorasmith.io.header import read_header
+def _input_kind(src: Path) -> Literal["pickle", "index", "safetensors"]:
+    """What a file input is, from its name: a pickle, a shard index, or (else) a safetensors file."""
+    if src.name.endswith(".index.json"):
+        return "index"  # the shard index of one model of a diffusers folder (safetensors or .bin shards)
+    return "pickle" if _is_pickle(src) else "safetensors"
 
-    if src.name.endswith(".safetensors.index.json"):
-        return True  # the shard index of one model of a diffusers folder
-    return src.suffix == ".safetensors" and not lora_modules(read_header(src).tensors)
+
+_SHARD_NAME = re.compile(r"^(?P<stem>.+)-\d{5}-of-\d{5}\.(?P<ext>safetensors|bin)$")
+
+
+def _refuse_lone_shard(src: Path) -> None:
+    """A layout conversion of one shard of a sharded model would miss the other shards' tensors."""
+    m = _SHARD_NAME.match(src.name)
+    if m is None:
+        return
+    index = src.parent / f"{m.group('stem')}.{m.group('ext')}.index.json"
+    if index.is_file():
+        raise UsageError(
+            f"{src}: one shard of a sharded model", hint=f"give its index {index.name} or the whole folder"
+        )
 
 
 def _convert_layout(
-    src: Path, output: Path, word: str, arch: str | None, overwrite: bool, progress: ProgressCallback
+    src: Path,
+    output: Path,
+    word: str,
+    dtypes: Mapping[str, str | None],
+    arch: str | None,
+    shard: int | None,
+    overwrite: bool,
+    progress: ProgressCallback,
 ) -> ConvertResult:
-    """Single file <-> diffusers folder through the family's layout map (:mod:`lorasmith.ops.layouts`)."""
-    from lorasmith.ops.layouts import canonical_to_layout, layout_to_canonical, main_header
+    """Change a checkpoint's layout: single file <-> diffusers folder (see :mod:`lorasmith.ops.layouts`).
+
+    ``word`` is ``diffusers`` or ``single``. The input is a safetensors file, a pickle, a shard index or a
+    diffusers folder; its family and layout are detected from its (main model's) tensors.
+    """
+    from lorasmith.ops._diffusers_weights import open_weights
+    from lorasmith.ops.layouts import main_header
     from lorasmith.registry import get_registry
 
-    reg = get_registry()
-    header = main_header(src)  # every shard's tensors together; .bin weights through the safe loader
-    weights = header.path
-    det = reg.detect(header, arch=arch, source=str(weights))
-    if det.kind == "lora":
-        raise InvalidFileError(
-            f"{src}: this is a LoRA, not a checkpoint", hint="use --to with a LoRA spelling"
-        )
-    family = reg.get(det.arch)
-    canonical = family.canonical_inventory(det.variant).layout == det.layout
+    if src.is_dir() and word == "diffusers":
+        raise UsageError(f"{src}: already a diffusers folder", hint="use --to single to write it as one file")
+    _refuse_lone_shard(src)
     if word == "diffusers":
-        if not canonical:
-            raise UsageError(f"{src}: already in the {det.layout} layout", hint="use --to single to go back")
-        return canonical_to_layout(
-            src, output, arch=family, variant=det.variant, overwrite=overwrite, progress=progress
-        )
-    if canonical:
-        raise UsageError(f"{src}: already a single-file checkpoint", hint="use --to diffusers")
-    from lorasmith.io.writer import check_output_path
+        from lorasmith.ops.layouts import check_folder_output
 
-    check_output_path(output, overwrite=overwrite, inputs=[weights])
-    return layout_to_canonical(
-        src, output, arch=family, variant=det.variant, overwrite=overwrite, progress=progress
+        check_folder_output(output, overwrite, src)
+    else:
+        from lorasmith.io.writer import check_output_path
+
+        check_output_path(output, overwrite=overwrite, inputs=[src])
+    reg = get_registry()
+    weights: ModelWeights | None = None
+    try:
+        if src.is_dir():
+            header = main_header(src)
+        else:
+            # a safetensors header, every shard's header, or the pickle loaded once (through the safe loader)
+            weights = open_weights(src)
+            header = weights.header
+        det = reg.detect(header, arch=arch, source=str(header.path))
+        if det.kind == "lora":
+            raise InvalidFileError(
+                f"{src}: this is a LoRA, not a checkpoint",
+                hint="--to diffusers/single are checkpoint layouts; "
+                + (
+                    "a LoRA pickle converts to .safetensors first (no --to)"
+                    if _is_pickle(src)
+                    else "give a LoRA spelling with --to"
+                ),
+            )
+        family = reg.get(det.arch)
+        canonical = family.canonical_inventory(det.variant).layout == det.layout
+        if word == "diffusers":
+            if not canonical:
+                raise UsageError(
+                    f"{src}: already in the {det.layout} layout", hint="use --to single to go back"
+                )
+            assert weights is not None
+            return _to_diffusers(
+                src, output, weights, family, det.variant, dtypes, shard, overwrite, progress
+            )
+        if not canonical:
+            if weights is not None:
+                weights.close()  # LayoutSource reads the file again, tensor by tensor
+                weights = None
+            return _to_single(src, output, family, det.variant, dtypes, overwrite, progress)
+        assert weights is not None
+        if weights.kind == "pickle":
+            weights.close()
+            weights = None
+            from lorasmith.ops.pickles import pickle_to_safetensors
+
+            # a single-file checkpoint in a pickle: written as safetensors, exactly as without --to
+            result = pickle_to_safetensors(
+                src, output, dtypes=dtypes, arch=arch, overwrite=overwrite, progress=progress
+            )
+            result.to_spelling = "single"
+            return result
+        if weights.kind == "safetensors":
+            if all(v is None for v in dtypes.values()):
+                raise UsageError(
+                    f"{src}: already a single-file checkpoint",
+                    hint="use --to diffusers, or --dtype to cast it",
+                )
+            weights.close()
+            weights = None
+            result = convert_checkpoint_dtype(
+                src, output, dtypes=dtypes, arch=arch, overwrite=overwrite, progress=progress
+            )
+            result.to_spelling = "single"
+            return result
+        # the shards of a single-file checkpoint: joined into one file
+        return _join_shards(src, output, weights, family.id, det.variant, dtypes, overwrite, progress)
+    finally:
+        if weights is not None:
+            weights.close()
+
+
+def _components(family: Architecture, variant: str | None, keys: Iterable[str]) -> dict[str, str | None]:
+    """Component of every canonical key (from the family's canonical inventory prefixes)."""
+    inv = family.canonical_inventory(variant)
+    return {k: inv.component_of(k) for k in keys}
+
+
+def _dtype_record(dtypes: Mapping[str, str | None]) -> dict[str, str]:
+    return {k: v for k, v in dtypes.items() if v is not None}
+
+
+def _join_shards(
+    src: Path,
+    output: Path,
+    weights: ModelWeights,
+    family: str,
+    variant: str | None,
+    dtypes: Mapping[str, str | None],
+    overwrite: bool,
+    progress: ProgressCallback,
+) -> ConvertResult:
+    """Write a single-file checkpoint stored as shards (``src`` is their index) as one file."""
+    from lorasmith.registry import get_registry
+
+    keys = weights.order()
+    targets = component_dtypes(keys, dtypes, _components(get_registry().get(family), variant, keys))
+    record: dict[str, object] = {"layout": "single"}
+    if _dtype_record(dtypes):
+        record["dtype"] = _dtype_record(dtypes)
+    result = write_streaming(
+        src,
+        output,
+        keys=keys,
+        specs={k: (i.dtype, tuple(i.shape)) for k, i in weights.tensors.items()},
+        get=weights.get,
+        targets=targets,
+        metadata=weights.metadata,
+        record=record,
+        family=family,
+        variant=variant,
+        overwrite=overwrite,
+        progress=progress,
+        inputs=weights.files,
     )
+    result.to_spelling = "single"
+    return result
+
+
+def _to_single(
+    src: Path,
+    output: Path,
+    family: Architecture,
+    variant: str | None,
+    dtypes: Mapping[str, str | None],
+    overwrite: bool,
+    progress: ProgressCallback,
+) -> ConvertResult:
+    """Write a diffusers folder (or one of its weights files, shard indexes or pickles) as the canonical
+    single file, casting per component on the way (the counterpart of :func:`_to_diffusers`).
+
+    Every model of the folder that the family maps is read (a UNet-only folder gives a UNet-only file);
+    ``lorasmith_extras.safetensors`` puts back what the diffusers layout has no place for.
+    """
+    from lorasmith.ops.layouts import LayoutSource, diffusers_inventory
+
+    inv = diffusers_inventory(family, variant)
+    with LayoutSource(src, family, inv) as source:
+        if not source.keys:
+            raise InvalidFileError(f"{src}: no {family.name} tensors found", hint="give a diffusers folder")
+        meta = {k: v for k, v in source.metadata.items() if k != RECORD_KEY}
+        record: dict[str, object] = {"layout": "single"}
+        if _dtype_record(dtypes):
+            record["dtype"] = _dtype_record(dtypes)
+        # storage order: each shard is read once; the writer's plan fixes the output's layout anyway
+        keys = source.read_order()
+        result = write_streaming(
+            src,
+            output,
+            keys=keys,
+            specs=source.specs,
+            get=source.get,
+            targets=component_dtypes(keys, dtypes, _components(family, variant, keys)),
+            metadata=meta,
+            record=record,
+            family=family.id,
+            variant=variant,
+            overwrite=overwrite,
+            progress=progress,
+            inputs=source.paths,
+        )
+    canonical = family.canonical_inventory(variant)
+    missing = [k for k in canonical.tensors if k not in source.specs and k not in canonical.optional]
+    if missing:
+        result.warnings.append(
+            f"{len(missing)} single-file tensor(s) were not in the input, e.g. {missing[0]}"
+        )
+    result.to_spelling = "single"
+    return result
+
+
+def _to_diffusers(
+    src: Path,
+    output: Path,
+    weights: ModelWeights,
+    family: Architecture,
+    variant: str | None,
+    dtypes: Mapping[str, str | None],
+    shard: int | None,
+    overwrite: bool,
+    progress: ProgressCallback,
+) -> ConvertResult:
+    """Write the single-file checkpoint ``weights`` (a safetensors file, its shards or a pickle) as a
+    diffusers folder ``output``, casting per component and sharding each model's weights on the way.
+
+    The folder's files, configs and extras are those of :mod:`lorasmith.ops.layouts`; each model's
+    weights go through a :class:`~lorasmith.ops._diffusers_weights.ModelWeightsWriter` (one file, or
+    shards of at most ``shard`` bytes with their index), inside a
+    :class:`~lorasmith.ops.layouts.TempFolder` that appears whole on success and vanishes on any error or
+    interrupt.
+    """
+    from lorasmith.ops._diffusers_configs import folder_configs
+    from lorasmith.ops._diffusers_weights import ModelWeightsWriter, write_json
+    from lorasmith.ops.layouts import (
+        EXTRAS_NAME,
+        TempFolder,
+        default_subfolder,
+        diffusers_inventory,
+        layout_parts,
+        plan_folder,
+        split_layout_key,
+        to_layout,
+        weights_file_name,
+    )
+
+    inv = diffusers_inventory(family, variant)
+    mapping = family.layout_map(inv.id)
+    default = default_subfolder(inv)
+    # a key of any variant's single file is known (an SD3.5 file with SD3 Medium's text encoders); those
+    # without a place in the layout are kept in the extras file
+    known = {k for i in family.inventories() if i.canonical for k in i.tensors}
+    unknown = [k for k in weights.tensors if k not in mapping and k not in known]
+    if unknown:
+        raise InvalidFileError(
+            f"{src}: {len(unknown)} tensor(s) are not {family.name} single-file keys, e.g. {unknown[0]!r}",
+            hint="give the family's original single-file checkpoint (no prefix)",
+        )
+    keys = list(weights.tensors)
+    stored = {k: (i.dtype, tuple(i.shape)) for k, i in weights.tensors.items()}
+    targets = component_dtypes(keys, dtypes, _components(family, variant, keys))
+    specs = {k: (_cast_target(st, targets.get(k)), shape) for k, (st, shape) in stored.items()}
+    plans, order, extras = plan_folder(family, mapping, default, specs)
+    record: dict[str, object] = {"layout": inv.layout}
+    if _dtype_record(dtypes):
+        record["dtype"] = _dtype_record(dtypes)
+    if shard is not None:
+        record["shard_size"] = shard
+    record_json = json.dumps(record, separators=(",", ":"), sort_keys=True)
+    main_meta = {
+        k: v
+        for k, v in weights.metadata.items()
+        if k not in ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256", RECORD_KEY)
+    }
+    main_meta[RECORD_KEY] = record_json
+    total = len(keys)
+    done = 0
+    file_bytes = 0
+    main_hash: str | None = None
+    shards: dict[str, int] = {}
+    stats = CastStats()
+
+    def read(key: str) -> torch.Tensor:
+        t, cs = cast_tensor(weights.get(key), specs[key][0] if specs[key][0] != stored[key][0] else None)
+        stats.add(cs)
+        return t
+
+    # built under a hidden name and renamed into place; any exit before that removes it (TempFolder)
+    with TempFolder(output) as folder:
+        tmp = folder.path
+        for sub, plan in plans.items():
+            (tmp / sub).mkdir()
+            meta = main_meta if sub == default else {RECORD_KEY: record_json}
+            with ModelWeightsWriter(
+                tmp / sub, weights_file_name(sub), plan=plan, metadata=meta, max_shard_size=shard
+            ) as w:
+                for key in order[sub]:
+                    entry = mapping[key]
+                    t = to_layout(read(key), entry)
+                    start = 0
+                    for part, rows in layout_parts(entry, t.shape[entry.dim]):
+                        w.write(
+                            split_layout_key(part, default)[1], t.narrow(entry.dim, start, rows).contiguous()
+                        )
+                        start += rows
+                    done += 1
+                    progress(ProgressEvent("writing", done, total, key))
+                written = w.close()
+            file_bytes += written.file_bytes
+            shards[sub] = len(written.files)
+            if sub == default:
+                main_hash = written.sshs_model_hash
+        if extras:
+            from lorasmith.io.writer import SafetensorsWriter
+
+            plan = {k: specs[k] for k in extras}
+            with SafetensorsWriter(tmp / EXTRAS_NAME, metadata={RECORD_KEY: record_json}, plan=plan) as ew:
+                for key in extras:
+                    ew.write(key, read(key))
+                    done += 1
+                    progress(ProgressEvent("writing", done, total, key))
+                file_bytes += ew.close().file_bytes
+        shapes = {sub: {k: s for k, (_, s) in plan.items()} for sub, plan in plans.items()}
+        config_dtypes = {sub: _first_float(plan) for sub, plan in plans.items() if plan}
+        for rel, cfg in folder_configs(family.id, variant, shapes, config_dtypes).items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            write_json(tmp / rel, cfg)
+        folder.commit()
+    untouched = sum(1 for k in keys if specs[k][0] == stored[k][0])
+    return ConvertResult(
+        kind="checkpoint",
+        input=str(src),
+        output=str(output),
+        arch=family.id,
+        variant=variant,
+        to_spelling=inv.layout,
+        tensors=sum(len(p) for p in plans.values()) + len(extras),
+        dtypes=_plan_dtype_counts(
+            [spec for p in plans.values() for spec in p.values()] + [specs[k] for k in extras]
+        ),
+        cast=_report(stats, untouched),
+        file_bytes=file_bytes,
+        sshs_model_hash=main_hash,
+        shards=shards,
+        warnings=_folder_warnings(family.id, plans, extras, EXTRAS_NAME),
+    )
+
+
+_FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+
+
+def _cast_target(stored: str, target: str | None) -> str:
+    """The dtype a tensor stored as ``stored`` is written in: ``target`` for floating tensors."""
+    return target if target is not None and stored in _FLOAT_DTYPES else stored
+
+
+def _first_float(plan: Mapping[str, tuple[str, tuple[int, ...]]]) -> str:
+    dtypes = [dtype for dtype, _shape in plan.values()]
+    return next((d for d in dtypes if d in _FLOAT_DTYPES), dtypes[0])
+
+
+def _plan_dtype_counts(specs: list[tuple[str, tuple[int, ...]]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for dtype, _shape in specs:
+        out[dtype] = out.get(dtype, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def _folder_warnings(
+    family: str, plans: Mapping[str, object], extras: list[str], extras_name: str
+) -> list[str]:
+    """What a user of a freshly written diffusers folder should know (extras kept, what is not written)."""
+    warnings = []
+    if extras:
+        warnings.append(
+            f"{len(extras)} tensor(s) have no place in diffusers (e.g. {extras[0]}); kept in {extras_name}, "
+            "which diffusers ignores and --to single restores"
+        )
+    if family in ("sd1", "sdxl", "sd3"):
+        warnings.append("no tokenizer folders written: pass tokenizer= to from_pretrained or copy them")
+    if family == "sd3":
+        absent = [s for s in ("text_encoder", "text_encoder_2", "text_encoder_3") if s not in plans]
+        if absent:
+            # SD3.5 files ship without text encoders; SD3 Medium's come with CLIPs only, or with T5 too
+            warnings.append(
+                f"the file has no {'/'.join(absent)} (listed as [null, null] in model_index.json): pass "
+                "them to from_pretrained, or text_encoder_3=None, tokenizer_3=None to run without T5"
+            )
+    return warnings
 
 
 # ----------------------------------------------------------------------------------------------- LoRAs
@@ -525,11 +942,15 @@ def write_streaming(
     overwrite: bool,
     progress: ProgressCallback,
     dropped: list[str] | None = None,
+    inputs: Iterable[Path] | None = None,
 ) -> ConvertResult:
-    """Write ``keys`` (read one at a time with ``get``) cast to ``targets`` through a planned writer."""
+    """Write ``keys`` (read one at a time with ``get``) cast to ``targets`` through a planned writer.
+
+    :param inputs: every file read (the output may be none of them); default ``[src]``.
+    """
     from lorasmith.io.writer import SafetensorsWriter
 
-    float_names = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+    float_names = _FLOAT_DTYPES
     plan: dict[str, tuple[str, tuple[int, ...]]] = {}
     untouched = 0
     for k in keys:
@@ -547,7 +968,8 @@ def write_streaming(
     }
     meta[RECORD_KEY] = json.dumps(dict(record), separators=(",", ":"), sort_keys=True)
     stats = CastStats()
-    with SafetensorsWriter(output, metadata=meta, overwrite=overwrite, inputs=[src], plan=plan) as writer:
+    files = [src] if inputs is None else list(inputs)
+    with SafetensorsWriter(output, metadata=meta, overwrite=overwrite, inputs=files, plan=plan) as writer:
         for i, k in enumerate(keys):
             t = get(k)
             new, cs = cast_tensor(t, plan[k][0] if plan[k][0] != specs[k][0] else None)

@@ -34,7 +34,6 @@ for detection.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -47,7 +46,6 @@ from typing import TYPE_CHECKING, NamedTuple
 from lorasmith.archs.base import Architecture, Inventory, LayoutEntry
 from lorasmith.archs.layout_shapes import canonical_shape, layout_parts, layout_shape
 from lorasmith.errors import InvalidFileError, NotAvailableError, OutputExistsError
-from lorasmith.progress import ProgressCallback, ProgressEvent
 
 if TYPE_CHECKING:
     import torch
@@ -55,7 +53,6 @@ if TYPE_CHECKING:
     from lorasmith.io.header import Header
     from lorasmith.io.reader import TensorFile
     from lorasmith.ops._diffusers_weights import ModelWeights
-    from lorasmith.ops.convert import ConvertResult
 
 __all__ = [
     "EXTRAS_NAME",
@@ -64,11 +61,10 @@ __all__ = [
     "LayoutSource",
     "TempFolder",
     "canonical_shape",
-    "canonical_to_layout",
+    "check_folder_output",
     "diffusers_inventory",
     "layout_parts",
     "layout_shape",
-    "layout_to_canonical",
     "main_header",
     "main_weights",
     "model_weights",
@@ -379,16 +375,9 @@ class LayoutSource:
 
 
 # --------------------------------------------------------------------------------------------- writing
-def _write_json(path: Path, data: Mapping[str, object]) -> None:
-    # atomic like the tensor writer: a temporary file replaced into place
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-    os.replace(tmp, path)
-
-
-def _check_folder_output(output: Path, overwrite: bool, src: Path) -> None:
+def check_folder_output(output: Path, overwrite: bool, src: Path) -> None:
+    """Refuse a diffusers output folder that exists (without ``overwrite``), is a file, holds the input
+    ``src`` or has no parent folder, before any work."""
     if output.exists() and not overwrite:
         raise OutputExistsError(f"{output}: output already exists", hint="pass --overwrite to replace it")
     if output.exists() and not output.is_dir():
@@ -489,7 +478,7 @@ class TempFolder:
 
 
 class FolderPlan(NamedTuple):
-    """What :func:`canonical_to_layout` writes, per subfolder.
+    """What a diffusers folder written from a single file holds, per subfolder.
 
     :ivar plans: subfolder -> layout key -> ``(dtype, shape)``.
     :ivar order: subfolder -> the canonical keys written there, in input order.
@@ -526,171 +515,3 @@ def plan_folder(
             raise NotAvailableError(f"{arch.id}: the parts of {key!r} span several models")
         order.setdefault(subs.pop(), []).append(key)
     return FolderPlan(plans, order, extras)
-
-
-def _dtype_counts(specs: list[tuple[str, tuple[int, ...]]]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for dtype, _shape in specs:
-        out[dtype] = out.get(dtype, 0) + 1
-    return dict(sorted(out.items()))
-
-
-def canonical_to_layout(
-    src: Path,
-    output: Path,
-    *,
-    arch: Architecture,
-    variant: str | None,
-    overwrite: bool,
-    progress: ProgressCallback,
-) -> ConvertResult:
-    """Write the canonical single file ``src`` as a diffusers folder ``output`` (see the module docstring)."""
-    from lorasmith.io.header import read_header
-    from lorasmith.io.reader import open_tensors
-    from lorasmith.io.writer import SafetensorsWriter
-    from lorasmith.ops._diffusers_configs import folder_configs
-    from lorasmith.ops.convert import RECORD_KEY, ConvertResult
-
-    inv = diffusers_inventory(arch, variant)
-    mapping = arch.layout_map(inv.id)
-    default = default_subfolder(inv)
-    header = read_header(src)
-    # a key of any variant's single file is known (an SD3.5 file with SD3 Medium's text encoders); those
-    # without a place in the layout are kept in the extras file
-    known = {k for i in arch.inventories() if i.canonical for k in i.tensors}
-    unknown = [k for k in header.tensors if k not in mapping and k not in known]
-    if unknown:
-        raise InvalidFileError(
-            f"{src}: {len(unknown)} tensor(s) are not {arch.name} single-file keys, e.g. {unknown[0]!r}",
-            hint="give the family's original single-file checkpoint (no prefix)",
-        )
-    _check_folder_output(output, overwrite, src)
-    specs = {k: (i.dtype, tuple(i.shape)) for k, i in header.tensors.items()}
-    plans, order, extras = plan_folder(arch, mapping, default, specs)
-    record = json.dumps({"layout": inv.layout}, separators=(",", ":"))
-    main_meta = {**header.metadata, RECORD_KEY: record}
-    total = len(header.tensors)
-    done = 0
-    file_bytes = 0
-    main_hash: str | None = None
-    # built under a hidden name and renamed into place; any exit before that removes it (TempFolder)
-    with TempFolder(output) as folder, open_tensors(src) as tf:
-        tmp = folder.path
-        for sub, plan in plans.items():
-            (tmp / sub).mkdir()
-            meta = main_meta if sub == default else {RECORD_KEY: record}
-            target = tmp / sub / weights_file_name(sub)
-            with SafetensorsWriter(target, metadata=meta, plan=plan) as w:
-                for key in order[sub]:
-                    entry = mapping[key]
-                    t = to_layout(tf.get(key), entry)
-                    start = 0
-                    for part, rows in layout_parts(entry, t.shape[entry.dim]):
-                        w.write(
-                            split_layout_key(part, default)[1],
-                            t.narrow(entry.dim, start, rows).contiguous(),
-                        )
-                        start += rows
-                    done += 1
-                    progress(ProgressEvent("writing", done, total, key))
-                written = w.close()
-            file_bytes += written.file_bytes
-            if sub == default:
-                main_hash = written.sshs_model_hash
-        if extras:
-            plan = {k: (header.tensors[k].dtype, tuple(header.tensors[k].shape)) for k in extras}
-            with SafetensorsWriter(tmp / EXTRAS_NAME, metadata={RECORD_KEY: record}, plan=plan) as w:
-                for key in extras:
-                    w.write(key, tf.get(key))
-                    done += 1
-                    progress(ProgressEvent("writing", done, total, key))
-                file_bytes += w.close().file_bytes
-        shapes = {sub: {k: s for k, (_, s) in plan.items()} for sub, plan in plans.items()}
-        dtypes = {sub: next(iter(plan.values()))[0] for sub, plan in plans.items() if plan}
-        for rel, cfg in folder_configs(arch.id, variant, shapes, dtypes).items():
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            _write_json(tmp / rel, cfg)
-        folder.commit()
-    warnings = []
-    if extras:
-        warnings.append(
-            f"{len(extras)} tensor(s) have no place in diffusers (e.g. {extras[0]}); kept in {EXTRAS_NAME}, "
-            "which diffusers ignores and --to single restores"
-        )
-    if arch.id in ("sd1", "sdxl", "sd3"):
-        warnings.append("no tokenizer folders written: pass tokenizer= to from_pretrained or copy them")
-    if arch.id == "sd3":
-        absent = [s for s in ("text_encoder", "text_encoder_2", "text_encoder_3") if s not in plans]
-        if absent:
-            # SD3.5 files ship without text encoders; SD3 Medium's come with CLIPs only, or with T5 too
-            warnings.append(
-                f"the file has no {'/'.join(absent)} (listed as [null, null] in model_index.json): pass "
-                "them to from_pretrained, or text_encoder_3=None, tokenizer_3=None to run without T5"
-            )
-    return ConvertResult(
-        kind="checkpoint",
-        input=str(src),
-        output=str(output),
-        arch=arch.id,
-        variant=variant,
-        to_spelling=inv.layout,
-        tensors=sum(len(p) for p in plans.values()) + len(extras),
-        dtypes=_dtype_counts(
-            [spec for p in plans.values() for spec in p.values()] + [specs[k] for k in extras]
-        ),
-        file_bytes=file_bytes,
-        sshs_model_hash=main_hash,
-        warnings=warnings,
-    )
-
-
-def layout_to_canonical(
-    src: Path,
-    output: Path,
-    *,
-    arch: Architecture,
-    variant: str | None,
-    overwrite: bool,
-    progress: ProgressCallback,
-) -> ConvertResult:
-    """Write a diffusers folder (or one of its weights files) ``src`` as the canonical single file ``output``.
-
-    Every model of the folder that the family maps is read (a UNet-only folder gives a UNet-only file);
-    ``lorasmith_extras.safetensors`` puts back what the diffusers layout has no place for.
-    """
-    from lorasmith.io.writer import SafetensorsWriter
-    from lorasmith.ops.convert import RECORD_KEY, ConvertResult
-
-    inv = diffusers_inventory(arch, variant)
-    with LayoutSource(src, arch, inv) as source:
-        if not source.keys:
-            raise InvalidFileError(f"{src}: no {arch.name} tensors found", hint="give a diffusers folder")
-        meta = {k: v for k, v in source.metadata.items() if k != RECORD_KEY}
-        meta[RECORD_KEY] = json.dumps({"layout": "single"}, separators=(",", ":"))
-        plan = {k: source.specs[k] for k in source.keys}
-        with SafetensorsWriter(
-            output, metadata=meta, overwrite=overwrite, inputs=source.paths, plan=plan
-        ) as w:
-            # storage order: each shard is read once; the plan fixes the output's layout whatever the order
-            for i, key in enumerate(source.read_order()):
-                w.write(key, source.get(key))
-                progress(ProgressEvent("writing", i + 1, len(source.keys), key))
-            written = w.close()
-    warnings = []
-    canonical = arch.canonical_inventory(variant)
-    missing = [k for k in canonical.tensors if k not in plan and k not in canonical.optional]
-    if missing:
-        warnings.append(f"{len(missing)} single-file tensor(s) were not in the input, e.g. {missing[0]}")
-    return ConvertResult(
-        kind="checkpoint",
-        input=str(src),
-        output=str(output),
-        arch=arch.id,
-        variant=variant,
-        to_spelling="single",
-        tensors=len(plan),
-        dtypes=_dtype_counts(list(plan.values())),
-        file_bytes=written.file_bytes,
-        sshs_model_hash=written.sshs_model_hash,
-        warnings=warnings,
-    )
