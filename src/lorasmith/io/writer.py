@@ -1,8 +1,9 @@
 """A streaming, atomic safetensors writer.
 
 :class:`SafetensorsWriter` writes into a hidden temporary file next to the output
-(``.<name>.<random>.tmp``), fsyncs it, checks its header and then ``os.replace``\\ s it into place: an
-error, an interrupt or :meth:`SafetensorsWriter.abort` leaves no file behind and an existing output intact.
+(``.<name>.<random>.tmp``), checks its header (fsyncs it when ``LORASMITH_FSYNC=1``) and then
+``os.replace``\\ s it into place: an error, an interrupt or :meth:`SafetensorsWriter.abort` leaves no file
+behind and an existing output intact.
 
 The layout is byte for byte what ``safetensors.torch.save`` writes for the same tensors and metadata
 (see :mod:`lorasmith.io.layout`; metadata keys are written sorted).
@@ -914,16 +915,16 @@ def _drop_page_cache(fd: int) -> None:
 
 
 def _durable() -> bool:
-    """Whether finished files are fsynced before (and their folder after) the rename: yes, unless the
-    environment says ``LORASMITH_FSYNC=0``.
+    """Whether finished files are fsynced before (and their folder after) the rename: only when the
+    environment says ``LORASMITH_FSYNC=1`` (or ``true``, ``yes``, ``on``).
 
-    Why a switch: the fsync makes an output survive a power cut or a kernel crash right after the command
-    returns, and costs the time to write the whole file to the disk (on a slow disk, longer than the rest
-    of a checkpoint merge). Without it an output is still complete and atomic for every interrupt and
-    error (the rename happens only after everything was written); only a crash of the whole machine in the
-    seconds after could leave it empty. Batch jobs that check their outputs anyway may turn it off.
+    Why off by default: an output is complete and atomic for every interrupt and error without it (the
+    rename happens only after everything was written and checked), as with ``safetensors``, ``torch.save``
+    and the trainers; the fsync adds the time to put the whole file on the disk (on a slow disk, longer
+    than the rest of a checkpoint merge) to protect against one thing only, a crash of the whole machine
+    in the seconds after the command returns. Operators who need that turn it on.
     """
-    return os.environ.get("LORASMITH_FSYNC", "1").strip().lower() not in ("0", "false", "no", "off")
+    return os.environ.get("LORASMITH_FSYNC", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _fsync_dir(folder: Path) -> None:
