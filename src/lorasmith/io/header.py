@@ -11,6 +11,7 @@ size, and checks everything a reader relies on. This module never imports torch 
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import os
 import stat
@@ -182,11 +183,15 @@ class _DuplicateKey(ValueError):
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _DuplicateKey(key)
-        out[key] = value
+    # dict() builds the object at C speed; a key given twice shows as a shorter dict (this hook runs for
+    # every JSON object of the header, thousands of them: a Python loop here cost a third of the parse)
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _value in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
     return out
 
 
@@ -302,7 +307,19 @@ def read_header(path: str | os.PathLike[str]) -> Header:
         raise _open_error(p, exc) from exc
     if len(raw) < n:  # the file shrank while being read
         raise InvalidFileError(f"{p}: file changed while being read", hint="try again")
-    return _parse(p, prefix, raw, file_size)
+    # A header of thousands of tensors becomes tens of thousands of small dicts, lists and records, all
+    # kept: the cyclic GC would scan them again and again while they are made and could free none. In a
+    # process that already holds many objects (a loaded registry, a resize in progress) that doubled the
+    # parse time (measured: 40 ms instead of 15 for 3156 tensors). So it is paused for the parse (and
+    # left as it was: a caller that disabled it keeps it disabled).
+    paused = gc.isenabled()
+    if paused:
+        gc.disable()
+    try:
+        return _parse(p, prefix, raw, file_size)
+    finally:
+        if paused:
+            gc.enable()
 
 
 def _parse(p: Path, prefix: bytes, raw: bytes, file_size: int) -> Header:
@@ -371,6 +388,41 @@ def _json_type(value: Any) -> str:
 
 
 def _parse_entry(p: Path, name: str, entry: Any, data_size: int) -> TensorInfo:
+    # Fast path for a well-formed entry (every entry of a sound file): the same checks as below, with
+    # exact type tests (JSON gives int, never an int subclass other than bool) and no message formatting.
+    # A header has thousands of entries; this runs in a third of the time of the checked path, which
+    # handles anything the fast path does not accept and says what is wrong.
+    if type(entry) is dict:
+        dtype = entry.get("dtype")
+        shape = entry.get("shape")
+        offsets = entry.get("data_offsets")
+        bits = DTYPE_BITS.get(dtype) if isinstance(dtype, str) else None
+        if (
+            isinstance(dtype, str)
+            and bits is not None
+            and type(shape) is list
+            and type(offsets) is list
+            and len(offsets) == 2
+        ):
+            start, end = offsets
+            numel = 1
+            for dim in shape:
+                if type(dim) is not int or dim < 0:
+                    break
+                numel *= dim
+            else:
+                if (
+                    type(start) is int
+                    and type(end) is int
+                    and 0 <= start <= end <= data_size
+                    and (bits * numel) % 8 == 0
+                    and end - start == bits * numel // 8
+                ):
+                    return TensorInfo(name, dtype, tuple(shape), start, end)
+    return _parse_entry_checked(p, name, entry, data_size)
+
+
+def _parse_entry_checked(p: Path, name: str, entry: Any, data_size: int) -> TensorInfo:
     where = f"{p}: tensor {name!r}"
     if not isinstance(entry, dict):
         raise InvalidFileError(

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from .device import compute_dtype, resolve_device, to_compute
 from .errors import LinalgError, NonFiniteFactorsError
-from .gram import GramSVD, gram_factorized_svd, gram_resolution
+from .gram import GramEig, GramSVD, gram_factorized_eig, gram_factorized_svd, gram_resolution
 from .rank import (
     KOHYA_MIN_SV,
     RTOL,
@@ -64,6 +64,7 @@ __all__ = [
     "SVD",
     "BudgetItem",
     "FactorizedMethod",
+    "GramEig",
     "GramSVD",
     "LinalgError",
     "NonFiniteFactorsError",
@@ -79,6 +80,7 @@ __all__ = [
     "factorized_svd",
     "factorized_svd_batched",
     "fold_tucker",
+    "gram_factorized_eig",
     "gram_factorized_svd",
     "gram_resolution",
     "lowrank_svd",
