@@ -94,6 +94,22 @@ def test_pickle_state_dict_unwrapped_and_non_tensors_dropped(tmp_path: Path) -> 
     assert r16.dtypes == {"F16": 3}
 
 
+def test_pickle_lora_alphas_keep_their_dtype(tmp_path: Path) -> None:
+    """A LoRA pickle cast with --dtype keeps its alpha scalars (0.7 is not exact in fp16)."""
+    src = tmp_path / "l.pt"
+    name = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    sd = {
+        f"{name}.lora_down.weight": torch.randn(2, 8),
+        f"{name}.lora_up.weight": torch.randn(8, 2),
+        f"{name}.alpha": torch.tensor(0.7),
+    }
+    torch.save(sd, src)
+    convert(src, tmp_path / "l.safetensors", dtype="fp16")
+    t = load_all(tmp_path / "l.safetensors")
+    assert t[f"{name}.alpha"].dtype == torch.float32 and float(t[f"{name}.alpha"]) == float(torch.tensor(0.7))
+    assert t[f"{name}.lora_up.weight"].dtype == torch.float16
+
+
 class _Evil:
     def __init__(self, marker: Path) -> None:
         self.marker = marker

@@ -122,6 +122,11 @@ def pickle_to_safetensors(
     except InvalidFileError:
         comps, family, variant = dict.fromkeys(keys), None, None
     targets = component_dtypes(keys, dtypes, comps)
+    for k in keys:
+        if k.endswith(".alpha") and not specs[k][1]:
+            # a LoRA's alpha scalar keeps its dtype, as on the safetensors LoRA path: a cast would round
+            # alphas such as 0.7 and with them every module's strength
+            targets[k] = None
     result = write_streaming(
         src,
         output,
