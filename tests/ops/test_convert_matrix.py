@@ -108,6 +108,18 @@ ALREADY = (UsageError, "already")
 INDEX = (UsageError, "shard index")
 LONE = (UsageError, "one shard of a sharded model")
 
+# a diffusers folder (plain or sharded): every --to value in column order
+FOLDER_ROW: list[Outcome] = [
+    (InvalidFileError, "is a folder"),
+    "single",
+    "single",
+    "single",
+    ALREADY,
+    (InvalidFileError, "is a folder"),
+    SPELLING,
+    SPELLING,
+]
+
 TOS = [None, "single", "original", "bfl", "diffusers", "keep", "kohya", "peft"]
 EXPECTED: dict[str, list[Outcome]] = {
     # input:           None     single    original  bfl       diffusers keep     kohya     peft
@@ -115,26 +127,8 @@ EXPECTED: dict[str, list[Outcome]] = {
     "ckpt": ["single", "single", "single", "single", "folder", "single", SPELLING, SPELLING],
     "diffusers-bin": ["as-is", "single", "single", "single", ALREADY, "as-is", SPELLING, SPELLING],
     "diffusers-file": [NOTHING, "single", "single", "single", ALREADY, NOTHING, SPELLING, SPELLING],
-    "folder": [
-        (InvalidFileError, "is a folder"),
-        "single",
-        "single",
-        "single",
-        ALREADY,
-        (InvalidFileError, "is a folder"),
-        SPELLING,
-        SPELLING,
-    ],
-    "sharded-folder": [
-        (InvalidFileError, "is a folder"),
-        "single",
-        "single",
-        "single",
-        ALREADY,
-        (InvalidFileError, "is a folder"),
-        SPELLING,
-        SPELLING,
-    ],
+    "folder": FOLDER_ROW,
+    "sharded-folder": FOLDER_ROW,
     "shard-index": [INDEX, "single", "single", "single", ALREADY, INDEX, INDEX, INDEX],
     "sharded-single": [INDEX, "single", "single", "single", "folder", INDEX, INDEX, INDEX],
     "lone-shard": [NOTHING, LONE, LONE, LONE, LONE, NOTHING, SPELLING, SPELLING],
