@@ -21,7 +21,7 @@ from lorasmith.errors import UsageError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["DTYPE_WORDS", "CastStats", "cast_tensor", "parse_dtype"]
+__all__ = ["DTYPE_WORDS", "CastStats", "cast_into", "cast_tensor", "parse_dtype"]
 
 #: ``--dtype`` words -> safetensors dtype strings.
 DTYPE_WORDS: dict[str, str] = {
@@ -88,19 +88,41 @@ def cast_tensor(t: torch.Tensor, st_dtype: str | None) -> tuple[torch.Tensor, Ca
     target = torch_dtype(st_dtype)
     if t.dtype == target:
         return t, stats
+    # empty_like keeps t's layout, as ``t.to(target)`` did before this shared cast_into
+    out = torch.empty_like(t, dtype=target)
+    stats = cast_into(t, out)
     stats.tensors = 1
     stats.values = t.numel()
-    info = torch.finfo(target)
-    src = t
-    if torch.finfo(t.dtype).max > info.max:
-        # compare in the source dtype: every finite target value is representable there
-        big = src.isfinite() & (src.abs() > info.max)
-        n_big = int(big.sum())
-        if n_big:
-            stats.overflowed = n_big
-            src = src.clamp(min=-info.max, max=info.max).where(src.isfinite(), src)
-    out = src.to(target)
-    if torch.finfo(t.dtype).tiny < info.tiny or torch.finfo(t.dtype).bits > info.bits:
-        # values rounding below half the smallest subnormal of the target become 0
-        stats.flushed = int(((t != 0) & (out == 0)).sum())
     return out, stats
+
+
+def cast_into(src: torch.Tensor, out: torch.Tensor) -> CastStats:
+    """Cast floating ``src`` into ``out`` (same shape, another floating dtype) by the module's policy.
+
+    Works on any part of a tensor: every count is per value, so the counts of a tensor's parts add up to
+    those of the whole tensor. Only ``overflowed`` and ``flushed`` are set: a tensor cast in parts is
+    one tensor, so ``tensors`` and ``values`` are the caller's to count.
+    """
+    import torch
+
+    stats = CastStats()
+    info = torch.finfo(out.dtype)
+    source = torch.finfo(src.dtype)
+    values = src
+    if source.max > info.max and src.numel():
+        # Why aminmax first: one pass without allocating answers "nothing out of range" for nearly every
+        # part; a NaN makes both comparisons false and falls through to the exact count.
+        lo, hi = torch.aminmax(src)
+        if not (float(lo) >= -info.max and float(hi) <= info.max):
+            # compare in the source dtype: every finite target value is representable there
+            big = src.isfinite() & (src.abs() > info.max)
+            n_big = int(big.sum())
+            if n_big:
+                stats.overflowed = n_big
+                values = src.clamp(min=-info.max, max=info.max).where(src.isfinite(), src)
+    out.copy_(values)
+    if source.tiny < info.tiny or source.bits > info.bits:
+        # values rounding below half the smallest subnormal of the target become 0; a zero stays a zero,
+        # so the non-zeros that became zero are the output's zeros less the input's
+        stats.flushed = int(torch.count_nonzero(out == 0)) - int(torch.count_nonzero(src == 0))
+    return stats

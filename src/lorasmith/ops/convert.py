@@ -29,14 +29,14 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, Field
 
 from lorasmith.errors import InvalidFileError, LorasmithError, UsageError
-from lorasmith.ops._convert_dtype import CastStats, cast_tensor, parse_dtype
+from lorasmith.ops._convert_dtype import CastStats, cast_into, cast_tensor, parse_dtype
 from lorasmith.ops.layouts import LAYOUT_WORDS
 from lorasmith.progress import ProgressCallback, ProgressEvent, noop
 
@@ -44,6 +44,8 @@ if TYPE_CHECKING:
     import torch
 
     from lorasmith.archs.base import Architecture, KeyView
+    from lorasmith.io.reader import TensorFile
+    from lorasmith.io.writer import NonFiniteTensor, SafetensorsWriter
     from lorasmith.ops._diffusers_weights import ModelWeights
     from lorasmith.ops.loralib import Unit
 
@@ -910,13 +912,14 @@ def convert_checkpoint_dtype(
     comps, family, variant = key_components(keys, header, arch)
     targets = component_dtypes(keys, dtypes, comps)
 
-    with open_tensors(src) as tf:
+    with open_tensors(src, header) as tf:
         return write_streaming(
             src,
             output,
             keys=keys,
             specs={k: (header.tensors[k].dtype, tuple(header.tensors[k].shape)) for k in keys},
             get=tf.get,
+            file=tf,
             targets=targets,
             metadata=dict(header.metadata),
             record={"dtype": {k: v for k, v in dtypes.items() if v is not None}},
@@ -943,10 +946,14 @@ def write_streaming(
     progress: ProgressCallback,
     dropped: list[str] | None = None,
     inputs: Iterable[Path] | None = None,
+    file: TensorFile | None = None,
 ) -> ConvertResult:
     """Write ``keys`` (read one at a time with ``get``) cast to ``targets`` through a planned writer.
 
     :param inputs: every file read (the output may be none of them); default ``[src]``.
+    :param file: the one safetensors file all ``keys`` are read from, when there is one: the tensors then
+        stream part by part through :func:`~lorasmith.io.pipeline.run_steps` (reading, casting, writing and
+        hashing overlap) instead of whole tensors through ``get``; the output is the same, byte for byte.
     """
     from lorasmith.io.writer import SafetensorsWriter
 
@@ -970,12 +977,15 @@ def write_streaming(
     stats = CastStats()
     files = [src] if inputs is None else list(inputs)
     with SafetensorsWriter(output, metadata=meta, overwrite=overwrite, inputs=files, plan=plan) as writer:
-        for i, k in enumerate(keys):
-            t = get(k)
-            new, cs = cast_tensor(t, plan[k][0] if plan[k][0] != specs[k][0] else None)
-            stats.add(cs)
-            writer.write(k, new)
-            progress(ProgressEvent("writing", i + 1, len(keys), k))
+        if file is not None:
+            _cast_pipeline(file, writer, len(keys), stats, progress)
+        else:
+            for i, k in enumerate(keys):
+                t = get(k)
+                new, cs = cast_tensor(t, plan[k][0] if plan[k][0] != specs[k][0] else None)
+                stats.add(cs)
+                writer.write(k, new)
+                progress(ProgressEvent("writing", i + 1, len(keys), k))
         written = writer.close()
     counts: dict[str, int] = {}
     for st_name, _shape in plan.values():
@@ -993,3 +1003,95 @@ def write_streaming(
         file_bytes=written.file_bytes,
         sshs_model_hash=written.sshs_model_hash,
     )
+
+
+def _cast_pipeline(
+    file: TensorFile,
+    writer: SafetensorsWriter,
+    total: int,
+    stats: CastStats,
+    progress: ProgressCallback,
+) -> None:
+    """Stream every planned tensor of ``writer`` from ``file``, cast part by part, through ``run_steps``.
+
+    A tensor whose planned dtype is its stored one is copied byte for byte; any other is cast with
+    :func:`~lorasmith.ops._convert_dtype.cast_into`, whose counts are per value, so adding them part by
+    part gives the counts of the whole tensor. The counts are added on the computing thread only (no
+    lock needed). Progress is per tensor, as each tensor's last part is computed (in the output's data
+    order, which is the order the tensors are written in).
+    """
+    from lorasmith.io import pipeline
+    from lorasmith.io.pipeline import Source, Step, copy_steps, part_elements, run_steps, split_range
+    from lorasmith.io.writer import NonFiniteError
+
+    # read at call time (not bound as a default) so that tests can shrink the parts to split small tensors
+    part_bytes = pipeline.BUFFER_BYTES
+
+    def cast_parts(name: str) -> Iterator[Step]:
+        info = file.info(name)
+        numel = _numel(info.shape)
+        in_size = info.nbytes // max(1, numel)
+        out_size = _st_itemsize(writer.planned_dtype(name))
+
+        def cast(inputs: list[torch.Tensor], out: torch.Tensor) -> None:
+            stats.add(cast_into(inputs[0], out))
+
+        def first(inputs: list[torch.Tensor], out: torch.Tensor) -> None:
+            stats.tensors += 1  # once per tensor, on its first part (an empty tensor has one empty part)
+            stats.values += numel
+            cast(inputs, out)
+
+        for start, length, last in split_range(
+            numel, part_elements(in_size, out_size, buffer_bytes=part_bytes)
+        ):
+            source = Source(file, name, start, length)
+            yield Step(name, start, length, [source], first if start == 0 else cast, last)
+
+    def steps() -> Iterator[Step]:
+        for name in writer.planned_names:  # data order: the hash runs as the parts arrive
+            info = file.info(name)
+            if writer.planned_dtype(name) == info.dtype:
+                yield from copy_steps(
+                    file, name, name, part_elements(_st_itemsize(info.dtype), buffer_bytes=part_bytes)
+                )
+            else:
+                yield from cast_parts(name)
+
+    done = 0
+
+    def tick(name: str) -> None:
+        nonlocal done
+        done += 1
+        progress(ProgressEvent("writing", done, total, name))
+
+    try:
+        run_steps(steps(), writer, on_tensor=tick, buffer_bytes=part_bytes)
+    except NonFiniteError as exc:
+        # The pipeline checks part by part, so its counts are those of the first bad part; the message
+        # names the whole tensor's counts, as a whole-tensor write does (a rare path: re-reading is fine).
+        raise NonFiniteError(_whole_nonfinite(file, writer, exc.tensor)) from None
+
+
+def _whole_nonfinite(file: TensorFile, writer: SafetensorsWriter, found: NonFiniteTensor) -> NonFiniteTensor:
+    """``found`` with the counts of the whole cast tensor instead of one part's."""
+    from lorasmith.io.writer import NonFiniteTensor, nonfinite_counts
+
+    target = writer.planned_dtype(found.name)
+    stored = file.get(found.name)
+    new, _ = cast_tensor(stored, target if target != file.info(found.name).dtype else None)
+    nan, inf = nonfinite_counts(new)
+    return NonFiniteTensor(found.path, found.name, nan, inf)
+
+
+def _st_itemsize(st_dtype: str) -> int:
+    """Bytes per element of a safetensors dtype (at least 1)."""
+    from lorasmith.io.dtypes import torch_dtype
+
+    return max(1, torch_dtype(st_dtype).itemsize)
+
+
+def _numel(shape: Iterable[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
