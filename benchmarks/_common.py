@@ -232,3 +232,12 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]], ali
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(sep) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def emit_json(figures: dict[str, Any], json_out: Path | None) -> None:
+    """Print the figures as JSON after a blank line, and write them to ``json_out`` if given."""
+    text = json.dumps(figures, indent=2)
+    print()
+    print(text)
+    if json_out is not None:
+        json_out.write_text(text + "\n")

@@ -23,7 +23,6 @@ Run: ``python benchmarks/bench_convert.py [--input PATH] [--repeat N] [--stats] 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
@@ -31,7 +30,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from _common import loadavg, machine, markdown_table, measure_process, warm
+from _common import emit_json, loadavg, machine, markdown_table, measure_process, warm
 
 
 def floor(src: str, out: str) -> None:
@@ -149,10 +148,7 @@ def main() -> None:
         "runs": runs,
         "ratio": ratio,
     }
-    print()
-    print(json.dumps(summary, indent=2))
-    if args.json_out is not None:
-        args.json_out.write_text(json.dumps(summary, indent=2) + "\n")
+    emit_json(summary, args.json_out)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ from typing import Any
 from _common import (
     RssSampler,
     cpu_seconds,
+    emit_json,
     loadavg,
     machine,
     markdown_table,
@@ -492,10 +493,7 @@ def main() -> None:
             err_rows,
         )
     )
-    print()
-    print(json.dumps(figures, indent=2))
-    if args.json_out is not None:
-        args.json_out.write_text(json.dumps(figures, indent=2) + "\n")
+    emit_json(figures, args.json_out)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _common import emit_json
+
 RANK = 128
 ALPHA = 64.0
 LORA_RATIO = 0.8
@@ -253,10 +255,7 @@ def main() -> None:
             f"| {row['ours']['peak_rss_mib']:.0f} | {row['floor']['peak_rss_mib']:.0f} |"
         )
     summary = {"scale": args.scale, "input_bytes": a.stat().st_size, "results": results}
-    print()
-    print(json.dumps(summary, indent=2))
-    if args.json_out is not None:
-        args.json_out.write_text(json.dumps(summary, indent=2) + "\n")
+    emit_json(summary, args.json_out)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _common import emit_json
+
 RANK = 128
 ALPHA = 64.0
 
@@ -288,9 +290,7 @@ def main() -> None:
         floor_out.unlink(missing_ok=True)
     figures["load_after"] = _loadavg()
     print(f"\nload average: {figures['load_before']} before, {figures['load_after']} after")
-    print(json.dumps(figures, indent=2))
-    if args.json_out is not None:
-        args.json_out.write_text(json.dumps(figures, indent=2))
+    emit_json(figures, args.json_out)
 
 
 if __name__ == "__main__":
