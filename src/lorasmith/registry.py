@@ -19,13 +19,16 @@ import os
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import pluggy
 
 from lorasmith import hookspecs
 from lorasmith.archs.base import Architecture, Detection, KeyView
 from lorasmith.errors import DetectionError, PluginError, UnknownArchError
+
+if TYPE_CHECKING:
+    from lorasmith.archs.parts import PartCatalog, PartMatch
 
 #: Modules of the built-in families, registered exactly like third-party plugins.
 DEFAULT_PLUGINS: tuple[str, ...] = (
@@ -196,6 +199,15 @@ class Registry:
                 ) from None
 
     # ------------------------------------------------------------------------------------------- facade
+    def part_catalog(self) -> PartCatalog:
+        """Every part kind the loaded families use or declare (built once per registry)."""
+        from lorasmith.archs.parts import part_catalog
+
+        cached: PartCatalog | None = self.__dict__.get("_part_catalog")
+        if cached is None:
+            cached = self.__dict__["_part_catalog"] = part_catalog(self._archs.values())
+        return cached
+
     def archs(self) -> Mapping[str, Architecture]:
         """All loaded families by id, in registration order."""
         return dict(self._archs)
@@ -295,6 +307,19 @@ def reset_registry() -> None:
 def detect(view: KeyView, arch: str | None = None, source: str = "file") -> Detection:
     """Shortcut for ``get_registry().detect(...)``."""
     return get_registry().detect(view, arch=arch, source=source)
+
+
+def part_catalog() -> PartCatalog:
+    """Shortcut for ``get_registry().part_catalog()``."""
+    return get_registry().part_catalog()
+
+
+def detect_part(view: KeyView) -> PartMatch | None:
+    """The part kind and form of a file (:func:`lorasmith.archs.parts.detect_part` over every part kind
+    of the process-wide registry's families), or ``None`` when it is no part."""
+    from lorasmith.archs.parts import detect_part as detect_in
+
+    return detect_in(view, part_catalog())
 
 
 def get(arch_id: str) -> Architecture:

@@ -13,8 +13,8 @@ from pathlib import Path
 import lorasmith.archs
 
 PACKAGE_DIR = Path(lorasmith.archs.__file__).resolve().parent
-#: layers above the families: the library of operations, the commands and the CLI.
-FORBIDDEN = ("lorasmith.ops", "lorasmith.commands", "lorasmith.cli")
+#: layers above the families: the registry that loads them, the operations, the commands and the CLI.
+FORBIDDEN = ("lorasmith.registry", "lorasmith.ops", "lorasmith.commands", "lorasmith.cli")
 
 
 def _resolve(module: str | None, level: int, names: list[str], package: str) -> list[str]:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from lorasmith.archs.parts import PART_KINDS, detect_part, form_inventory
+from lorasmith.archs.parts import PART_KINDS, form_inventory
 from lorasmith.cli import app
 from lorasmith.errors import InvalidFileError, UsageError
 from lorasmith.io.header import read_header
@@ -18,7 +18,7 @@ from lorasmith.io.writer import save_file
 from lorasmith.ops.components import assemble, bake_parts, split
 from lorasmith.ops.inspect import inspect_file
 from lorasmith.ops.merge import merge
-from lorasmith.registry import get
+from lorasmith.registry import detect_part, get
 from lorasmith.testing import make_checkpoint, make_lora, shrink_shape
 
 

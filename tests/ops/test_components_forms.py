@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_components import _te_lora, same, write_part
 
-from lorasmith.archs.parts import PART_KINDS, detect_part, form_inventory
+from lorasmith.archs.parts import PART_KINDS, form_inventory
 from lorasmith.errors import InvalidFileError
 from lorasmith.io.header import read_header
 from lorasmith.io.reader import load_all
@@ -17,7 +17,7 @@ from lorasmith.ops._components_forms import convert_keys, from_canonical, to_can
 from lorasmith.ops.components import assemble, bake_parts, split
 from lorasmith.ops.inspect import inspect_file
 from lorasmith.ops.merge import merge
-from lorasmith.registry import get
+from lorasmith.registry import detect_part, get
 from lorasmith.testing import make_checkpoint, shrink_shape
 
 G = "conditioner.embedders.1.model."

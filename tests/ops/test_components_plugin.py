@@ -19,7 +19,6 @@ from lorasmith.archs.parts import (
     PartForm,
     PartKind,
     PartSlot,
-    detect_part,
     diffusion_model_slot,
     part_catalog,
 )
@@ -32,7 +31,7 @@ from lorasmith.io.writer import save_file
 from lorasmith.ops.components import assemble, bake_parts, split
 from lorasmith.ops.inspect import inspect_file
 from lorasmith.ops.merge import merge
-from lorasmith.registry import Registry
+from lorasmith.registry import Registry, detect_part
 from lorasmith.testing import make_checkpoint, make_lora, toy
 
 

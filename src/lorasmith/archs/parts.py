@@ -50,7 +50,6 @@ __all__ = [
     "PartKind",
     "PartMatch",
     "PartSlot",
-    "default_catalog",
     "detect_part",
     "diffusion_model_slot",
     "form_inventory",
@@ -453,21 +452,6 @@ def part_catalog(families: Iterable[Architecture]) -> PartCatalog:
     return PartCatalog(kinds, {k: tuple(v) for k, v in users.items()})
 
 
-_DEFAULT: list[tuple[object, PartCatalog]] = []
-
-
-def default_catalog() -> PartCatalog:
-    """The catalog of the process-wide registry (built once per registry)."""
-    # the registry sits above this layer; imported here only for the no-argument convenience of
-    # detect_part (callers that hold a registry pass part_catalog(registry.archs().values()))
-    from lorasmith.registry import get_registry
-
-    reg = get_registry()
-    if not _DEFAULT or _DEFAULT[0][0] is not reg:
-        _DEFAULT[:] = [(reg, part_catalog(reg.archs().values()))]
-    return _DEFAULT[0][1]
-
-
 # ------------------------------------------------------------------------------------------- detection
 @dataclass(frozen=True)
 class PartMatch:
@@ -495,16 +479,17 @@ MIN_SCORE = 0.95
 MIN_COVERAGE = 0.85
 
 
-def detect_part(view: KeyView, catalog: PartCatalog | None = None) -> PartMatch | None:
+def detect_part(view: KeyView, catalog: PartCatalog) -> PartMatch | None:
     """The part kind and form of a file from its key names and tensor ranks, or ``None`` when it is no part.
 
-    Every form of every kind of ``catalog`` (default: :func:`default_catalog`) is scored; best by (score,
-    coverage). A kind whose channel test fails is skipped. LoRA files are never parts.
+    Every form of every kind of ``catalog`` is scored (:func:`lorasmith.registry.detect_part` passes the
+    process-wide registry's); best by (score, coverage). A kind whose channel test fails is skipped. LoRA
+    files are never parts.
     """
     keys = [k for k in view.tensors if split_lora_key(k) is None]
     if not keys or len(keys) != len(view.tensors):
         return None
-    cat = catalog if catalog is not None else default_catalog()
+    cat = catalog
     best: tuple[float, float, str, str] | None = None
     for kind_id, kind in cat.kinds.items():
         if kind.channels is not None:

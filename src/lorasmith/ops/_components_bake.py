@@ -144,8 +144,8 @@ def bake_parts(
         whose file was not given included).
     :raises LorasmithError: every user error.
     """
-    from lorasmith.archs.parts import default_catalog
     from lorasmith.ops.blocks import parse_blocks
+    from lorasmith.registry import part_catalog
 
     cb = progress or noop
     base_path = Path(base)
@@ -164,7 +164,7 @@ def bake_parts(
     save = torch_dtype_of(save_dtype, "--save-dtype") if save_dtype is not None else None
     loaded: list[LoadedLora] = [load_lora(p, float(r if r is not None else 1.0), arch) for p, r in specs]
     check_same_family(loaded)
-    catalog = default_catalog()
+    catalog = part_catalog()
     header = read_header(base_path)
     family, variant = _detect_main(base_path, header, arch, catalog)
     if loaded[0].detection.arch != family.id:

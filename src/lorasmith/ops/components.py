@@ -362,9 +362,9 @@ def assemble(
         given twice.
     :raises UsageError: a slot the family does not have, no diffusion model.
     """
-    from lorasmith.archs.parts import default_catalog
     from lorasmith.io.header import read_header
     from lorasmith.io.writer import check_output_path
+    from lorasmith.registry import part_catalog
 
     cb = progress or noop
     dts = _dtypes(dtype, unet_dtype, te_dtype, vae_dtype)
@@ -378,7 +378,7 @@ def assemble(
             raise InvalidFileError(f"{p}: no such file", hint=f"check the path given for the {slot_name}")
     out = Path(output)
     check_output_path(out, overwrite=overwrite, inputs=list(given.values()))
-    catalog = default_catalog()
+    catalog = part_catalog()
     main_path = given[MAIN]
     main_header = read_header(main_path)
     family, variant = _detect_main(main_path, main_header, arch, catalog)
@@ -523,10 +523,9 @@ def split(
     :raises InvalidFileError: not a checkpoint, or no diffusion model in it.
     :raises OutputExistsError: an output file exists (without ``overwrite``).
     """
-    from lorasmith.archs.parts import default_catalog
     from lorasmith.io.header import read_header
     from lorasmith.io.writer import check_output_path
-    from lorasmith.registry import get_registry
+    from lorasmith.registry import get_registry, part_catalog
 
     cb = progress or noop
     dts = _dtypes(dtype, unet_dtype, te_dtype, vae_dtype)
@@ -542,7 +541,7 @@ def split(
     if det.kind in ("lora", "mixed"):
         raise InvalidFileError(f"{src.name}: is a LoRA, not a checkpoint", hint="split takes a checkpoint")
     family = reg.get(det.arch)
-    catalog = default_catalog()
+    catalog = part_catalog()
     slots = layout_for(family, det.variant)
     groups: dict[str, list[str]] = {}
     verbatim: list[str] = []

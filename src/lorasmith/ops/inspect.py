@@ -17,11 +17,10 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from lorasmith.archs.base import Architecture, Detection, lora_modules
-from lorasmith.archs.parts import detect_part
 from lorasmith.errors import AdapterError, DetectionError
 from lorasmith.io.header import Header, TensorInfo, read_header
 from lorasmith.progress import ProgressCallback, ProgressEvent, noop
-from lorasmith.registry import get_registry
+from lorasmith.registry import detect_part, get_registry
 
 HashStatus = Literal["match", "mismatch", "missing", "lycoris-0x", "not-checked"]
 
