@@ -33,6 +33,7 @@ from lorasmith.ops.cache.text import (
     _write_atomic,
     load_tokenizer,
     plan_text_jobs,
+    run_text_jobs,
 )
 from lorasmith.progress import ProgressCallback, ProgressEvent
 
@@ -159,17 +160,15 @@ def cache_zimage_text(
         model_ = _build(source, tokenizer, device, dtype)
         from lorasmith.ops.cache._qwen3 import encode_captions
 
-        for start in range(0, len(jobs), batch_size):
-            batch = jobs[start : start + batch_size]
-            embeds = encode_captions(model_, tokenizer, [j.caption for j in batch], MAX_LENGTH)
-            for job, embed in zip(batch, embeds, strict=True):
-                try:
-                    _save(job.cache, embed, job.caption)
-                except OSError as exc:
-                    job.item.status = "failed"
-                    job.item.error = f"{job.cache}: cannot write the cache ({exc.strerror or exc})"
-                done += 1
-                progress(ProgressEvent("encoding", done, total, str(job.image)))
+        run_text_jobs(
+            jobs,
+            batch_size,
+            lambda captions: encode_captions(model_, tokenizer, captions, MAX_LENGTH),
+            lambda job, embed: _save(job.cache, embed, job.caption),
+            progress,
+            done,
+            total,
+        )
     return TextCacheResult(
         arch=family.arch,
         cache_format=family.cache_format,

@@ -535,6 +535,29 @@ class _Encoders:
     pad_ids: dict[str, int]
 
 
+def run_text_jobs(
+    jobs: Sequence[TextJob],
+    batch_size: int,
+    encode: Callable[[list[str]], Sequence[Any]],
+    save: Callable[[TextJob, Any], None],
+    progress: ProgressCallback,
+    done: int,
+    total: int,
+) -> None:
+    """Encode the captions of ``jobs`` ``batch_size`` at a time and ``save`` each job's outputs; a cache
+    that cannot be written fails that image only. Progress counts on from ``done`` of ``total``."""
+    for start in range(0, len(jobs), batch_size):
+        batch = jobs[start : start + batch_size]
+        for job, out in zip(batch, encode([j.caption for j in batch]), strict=True):
+            try:
+                save(job, out)
+            except OSError as exc:
+                job.item.status = "failed"
+                job.item.error = f"{job.cache}: cannot write the cache ({exc.strerror or exc})"
+            done += 1
+            progress(ProgressEvent("encoding", done, total, str(job.image)))
+
+
 def _tokens(enc: _Encoders, slot: str, captions: list[str], length: int) -> tuple[Any, Any]:
     """Input ids and attention mask (int64, ``(B, length)``), padded to ``length``."""
     tok = enc.tokenizers[slot]
@@ -781,17 +804,15 @@ def cache_text(
     if jobs:
         enc = _build(family, sources, tok_dirs, device, dtype)
         clip_len = sources["clip_l"].positions or 77
-        for start in range(0, len(jobs), batch_size):
-            batch = jobs[start : start + batch_size]
-            rows = _encode(family, enc, [j.caption for j in batch], opts, clip_len)
-            for job, arrays in zip(batch, rows, strict=True):
-                try:
-                    _save(job.cache, arrays)
-                except OSError as exc:
-                    job.item.status = "failed"
-                    job.item.error = f"{job.cache}: cannot write the cache ({exc.strerror or exc})"
-                done += 1
-                progress(ProgressEvent("encoding", done, total, str(job.image)))
+        run_text_jobs(
+            jobs,
+            batch_size,
+            lambda captions: _encode(family, enc, captions, opts, clip_len),
+            lambda job, arrays: _save(job.cache, arrays),
+            progress,
+            done,
+            total,
+        )
     return TextCacheResult(
         arch=family.arch,
         cache_format=family.cache_format,
