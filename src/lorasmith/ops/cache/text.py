@@ -527,14 +527,6 @@ def plan_text_jobs(
     return items, jobs
 
 
-# --------------------------------------------------------------------------------------------- encode
-@dataclass
-class _Encoders:
-    models: dict[str, Any]
-    tokenizers: dict[str, Any]
-    pad_ids: dict[str, int]
-
-
 def run_text_jobs(
     jobs: Sequence[TextJob],
     batch_size: int,
@@ -556,6 +548,14 @@ def run_text_jobs(
                 job.item.error = f"{job.cache}: cannot write the cache ({exc.strerror or exc})"
             done += 1
             progress(ProgressEvent("encoding", done, total, str(job.image)))
+
+
+# --------------------------------------------------------------------------------------------- encode
+@dataclass
+class _Encoders:
+    models: dict[str, Any]
+    tokenizers: dict[str, Any]
+    pad_ids: dict[str, int]
 
 
 def _tokens(enc: _Encoders, slot: str, captions: list[str], length: int) -> tuple[Any, Any]:
