@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorasmith.errors import InvalidFileError
+from lorasmith.ops.cache._te_models import assign_state
 
 if TYPE_CHECKING:
     import torch
@@ -201,21 +202,7 @@ def build_qwen3(state: dict[str, torch.Tensor], *, token_ids: Mapping[str, int |
     try:
         with torch.device("meta"):
             model: Any = Qwen3Model(config)
-        expected = set(model.state_dict())
-        missing = sorted(expected - set(state))
-        unexpected = sorted(set(state) - expected)
-        if missing or unexpected:
-            first = (missing or unexpected)[0]
-            raise InvalidFileError(
-                f"{source}: the Qwen3 weights do not fit ({len(missing)} missing, {len(unexpected)} "
-                f"unexpected; first: {first})",
-                hint="pass the complete Qwen3 text encoder (every shard)",
-            )
-        try:
-            model.load_state_dict(state, strict=True, assign=True)
-        except RuntimeError as exc:
-            line = str(exc).strip().splitlines()[0][:200]
-            raise InvalidFileError(f"{source}: the Qwen3 weights do not fit ({line})") from exc
+        assign_state(model, state, source, "Qwen3", hint="pass the complete Qwen3 text encoder (every shard)")
         # the rotary table is a non-persistent buffer, left on the meta device: compute it for real
         model.rotary_emb = type(model.rotary_emb)(config=model.config)
     finally:

@@ -198,6 +198,29 @@ def _count(state: Mapping[str, Any], pattern: str) -> int:
     return max(found) + 1 if found else 0
 
 
+def assign_state(model: Any, state: dict[str, torch.Tensor], source: str, what: str, hint: str) -> None:
+    """Give a model built on the meta device the tensors of ``state`` (no random init, no copy).
+
+    :raises InvalidFileError: keys missing or unexpected (counted, the first one named, with ``hint``), or
+        a shape that does not fit.
+    """
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        first = (missing or unexpected)[0]
+        raise InvalidFileError(
+            f"{source}: the {what} weights do not fit ({len(missing)} missing, {len(unexpected)} unexpected; "
+            f"first: {first})",
+            hint=hint,
+        )
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        line = str(exc).strip().splitlines()[0][:200]
+        raise InvalidFileError(f"{source}: the {what} weights do not fit ({line})") from exc
+
+
 def _materialize(model: Any, state: dict[str, torch.Tensor], source: str, what: str) -> None:
     """Load ``state`` into a model built on the meta device (no random init, no copy of the weights)."""
     import torch
@@ -207,20 +230,7 @@ def _materialize(model: Any, state: dict[str, torch.Tensor], source: str, what: 
         # transformers 5's CLIPTextModel has no ``text_model.`` level; the files have it
         state = {k.removeprefix("text_model."): v for k, v in state.items()}
     state = {k: v for k, v in state.items() if k in expected or k.split(".")[-1] not in ("position_ids",)}
-    missing = sorted(expected - set(state))
-    unexpected = sorted(set(state) - expected)
-    if missing or unexpected:
-        first = (missing or unexpected)[0]
-        raise InvalidFileError(
-            f"{source}: the {what} weights do not fit ({len(missing)} missing, {len(unexpected)} unexpected; "
-            f"first: {first})",
-            hint=f"pass a complete {what} (HF/ComfyUI layout)",
-        )
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as exc:
-        line = str(exc).strip().splitlines()[0][:200]
-        raise InvalidFileError(f"{source}: the {what} weights do not fit ({line})") from exc
+    assign_state(model, state, source, what, hint=f"pass a complete {what} (HF/ComfyUI layout)")
     for name, buf in list(model.named_buffers()):
         if buf.is_meta:
             if not name.endswith("position_ids"):
