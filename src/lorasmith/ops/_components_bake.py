@@ -278,7 +278,7 @@ def bake_parts(
             f.dst, metadata=meta, overwrite=overwrite, inputs=[f.src, *(x.path for x in loaded)], plan=plan
         )
         try:
-            with open_tensors(f.src) as tf:
+            with open_tensors(f.src, f.header) as tf:
                 for conv in f.convs:
                     # the tensor(s) as the single file holds them, baked there, then back to this file's form
                     canon = to_canonical([tf.get(k) for k in conv.reads], conv.entry_in)

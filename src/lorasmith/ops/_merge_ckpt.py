@@ -374,7 +374,7 @@ def bake(
 
     scratch = _Scratch()
     try:
-        with open_tensors(base) as f:
+        with open_tensors(base, header) as f:
 
             def steps() -> Iterator[Step]:
                 nonlocal changed
@@ -671,7 +671,9 @@ def merge_checkpoints(
     scratch = _Scratch()
     try:
         with ExitStack() as stack:
-            files = [stack.enter_context(open_tensors(p)) for p, _ in models]
+            files = [
+                stack.enter_context(open_tensors(p, h)) for (p, _), h in zip(models, headers, strict=True)
+            ]
 
             def steps() -> Iterator[Step]:
                 nonlocal changed

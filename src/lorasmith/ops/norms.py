@@ -328,7 +328,7 @@ def compute_norms(
 
         dev = compute_device(device)
         new: dict[str, WeightNorms] = {}
-        with open_tensors(base_path) as tf, torch.no_grad():
+        with open_tensors(base_path, header) as tf, torch.no_grad():
             for i, key in enumerate(missing):
                 name, sl = key
                 w = tf.get(name)
