@@ -11,13 +11,17 @@ import pytest
 import torch
 
 from lorasmith.errors import InvalidFileError
+from lorasmith.io import pipeline
 from lorasmith.io.header import read_header
 from lorasmith.io.pipeline import (
+    MAX_MEMORY,
+    MIN_MEMORY,
     BufferPool,
     Source,
     Step,
     cast_steps,
     copy_steps,
+    memory_budget,
     part_elements,
     run_steps,
     split_range,
@@ -221,3 +225,33 @@ def test_helpers() -> None:
     pool.give(big)
     pool.give(buf)
     assert pool.take(16).data_ptr() == buf.data_ptr()
+
+
+def test_memory_budget_scales_with_the_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(pipeline.MEMORY_ENV, raising=False)
+    assert memory_budget(0) == MIN_MEMORY
+    assert memory_budget(16 * MIN_MEMORY + 160) == MIN_MEMORY + 10
+    assert memory_budget(100 << 30) == MAX_MEMORY
+    monkeypatch.setenv(pipeline.MEMORY_ENV, "24")
+    assert memory_budget(100 << 30) == 24 << 20
+    monkeypatch.setenv(pipeline.MEMORY_ENV, "lots")  # malformed: the computed budget
+    assert memory_budget(0) == MIN_MEMORY
+
+
+def test_pool_shape_fits_the_budget() -> None:
+    for memory in (1, MIN_MEMORY, MAX_MEMORY, 1 << 30):
+        inputs, depth = pipeline._pool_shape(memory, pipeline.BUFFER_BYTES)
+        count = inputs + 2 * depth + 3
+        assert inputs >= 2 and depth >= 1
+        if memory >= MIN_MEMORY:
+            assert count * pipeline.BUFFER_BYTES <= memory
+    assert pipeline._pool_shape(1 << 40, 64) == (64, 30)  # at most 128 buffers, however small
+
+
+def test_run_steps_with_a_memory_budget(tmp_path: Path) -> None:
+    pa, _, a, _ = _inputs(tmp_path)
+    with open_tensors(pa) as fa:
+        w = SafetensorsWriter(tmp_path / "o.safetensors", plan={"big": ("F16", tuple(a["big"].shape))})
+        run_steps(copy_steps(fa, "big", "big", 100), w, buffer_bytes=4096, memory=5 * 4096)
+        w.close()
+    assert torch.equal(load_all(tmp_path / "o.safetensors")["big"], a["big"])

@@ -23,7 +23,16 @@ from lorasmith.archs.base import STRIP_PREFIXES, Architecture
 from lorasmith.errors import AdapterError, ArchMismatchError, LorasmithError, ShapeMismatchError
 from lorasmith.io.dtypes import safetensors_dtype, torch_dtype
 from lorasmith.io.header import Header, read_header
-from lorasmith.io.pipeline import Source, Step, cast_steps, copy_steps, part_elements, run_steps, split_range
+from lorasmith.io.pipeline import (
+    Source,
+    Step,
+    cast_steps,
+    copy_steps,
+    memory_budget,
+    part_elements,
+    run_steps,
+    split_range,
+)
 from lorasmith.io.reader import TensorFile, open_tensors
 from lorasmith.io.writer import SafetensorsWriter, WriteResult
 from lorasmith.ops._merge_lora import LoadedLora, check_same_family, merged_metadata
@@ -390,7 +399,13 @@ def bake(
                         f, name, jobs.get(name, []), bias_jobs.get(name, []), compute, scratch
                     )
 
-            run_steps(steps(), writer, on_tensor=tick, compute_threads=_BAKE_THREADS)
+            run_steps(
+                steps(),
+                writer,
+                on_tensor=tick,
+                compute_threads=_BAKE_THREADS,
+                memory=memory_budget(_sizes([base, *(lr.path for lr in loras)])),
+            )
         result = writer.close()
     except BaseException:
         writer.abort()
@@ -477,6 +492,11 @@ def combine(
     if block != 1.0:
         merged = a + block * (merged - a)
     return merged
+
+
+def _sizes(paths: Sequence[Path]) -> int:
+    """Bytes of the input files together (what the pipeline's pools are sized by)."""
+    return sum(p.stat().st_size for p in paths)
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -700,7 +720,7 @@ def merge_checkpoints(
                         scratch=scratch,
                     )
 
-            run_steps(steps(), writer, on_tensor=tick)
+            run_steps(steps(), writer, on_tensor=tick, memory=memory_budget(_sizes([p for p, _ in models])))
         result = writer.close()
     except BaseException:
         writer.abort()

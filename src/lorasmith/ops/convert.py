@@ -1021,7 +1021,15 @@ def _cast_pipeline(
     order, which is the order the tensors are written in).
     """
     from lorasmith.io import pipeline
-    from lorasmith.io.pipeline import Source, Step, copy_steps, part_elements, run_steps, split_range
+    from lorasmith.io.pipeline import (
+        Source,
+        Step,
+        copy_steps,
+        memory_budget,
+        part_elements,
+        run_steps,
+        split_range,
+    )
     from lorasmith.io.writer import NonFiniteError
 
     # read at call time (not bound as a default) so that tests can shrink the parts to split small tensors
@@ -1065,7 +1073,13 @@ def _cast_pipeline(
         progress(ProgressEvent("writing", done, total, name))
 
     try:
-        run_steps(steps(), writer, on_tensor=tick, buffer_bytes=part_bytes)
+        run_steps(
+            steps(),
+            writer,
+            on_tensor=tick,
+            buffer_bytes=part_bytes,
+            memory=memory_budget(file.header.file_size),
+        )
     except NonFiniteError as exc:
         # The pipeline checks part by part, so its counts are those of the first bad part; the message
         # names the whole tensor's counts, as a whole-tensor write does (a rare path: re-reading is fine).
