@@ -52,10 +52,23 @@ __all__ = [
 
 _FLOATS = frozenset({"F64", "F32", "F16", "BF16"})
 
-#: Elements per chunk of the elementwise loops. Why: a tensor is converted to the compute dtype and combined
-#: a chunk at a time, so the float32 temporaries of a 100 MB fp16 weight stay a few MB instead of several
-#: copies of the whole tensor (peak memory is then the tensors as read plus the output, nothing more).
+#: Elements per chunk of the elementwise loops when the dtypes are not known (the scratch buffer's least
+#: size). Why chunks: a tensor is converted to the compute dtype and combined a chunk at a time, so the
+#: float32 temporaries of a 100 MB fp16 weight stay a few MB instead of several copies of the whole tensor
+#: (peak memory is then the tensors as read plus the output, nothing more).
 CHUNK_ELEMENTS = 1 << 20
+
+
+def chunk_elements(*itemsizes: int) -> int:
+    """Elements per chunk for inputs and an output of these item sizes: as many as fill one pooled buffer
+    of :mod:`lorasmith.io.pipeline` (2M for fp16, 1M for fp32). Why as many: every part costs a few
+    Python-level operations on each thread, so fewer, fuller parts leave the cores to the arithmetic."""
+    return part_elements(*itemsizes)
+
+
+def _band_rows(cols: int, *itemsizes: int) -> int:
+    """Rows per band of a low-rank bake of a weight with ``cols`` columns (one chunk of elements)."""
+    return max(1, chunk_elements(*itemsizes) // max(1, cols))
 
 
 @dataclass
@@ -241,7 +254,7 @@ def _bake_chunked(
     cols = int(w2.shape[1])
     out = t if final == t.dtype else torch.empty(t.shape, dtype=final)
     o2 = out.reshape(rows, -1)
-    band = max(1, CHUNK_ELEMENTS // max(1, cols))
+    band = _band_rows(cols, t.element_size(), out.element_size())
     for a in range(0, rows, band):
         b = min(rows, a + band)
         wc = w2[a:b].to(compute)
@@ -263,8 +276,10 @@ def bake_steps(
     bias_jobs: Sequence[BakeJob],
     compute: torch.dtype,
     scratch: _Scratch,
+    out_itemsize: int,
 ) -> Iterator[Step]:
-    """The steps that write base tensor ``name`` of ``f`` with ``jobs`` (and bias jobs) applied.
+    """The steps that write base tensor ``name`` of ``f`` with ``jobs`` (and bias jobs) applied
+    (``out_itemsize``: bytes per element of the output tensor).
 
     Plain low-rank jobs are applied band by band of rows (``W[a:b] += up[a:b] @ down``), so a weight is never
     held whole in float32; anything else (DoRA, OFT, a bias delta, a slice along another dimension) gets one
@@ -293,7 +308,7 @@ def bake_steps(
         job.release()  # the folded factors live on in ``factors``
     rows = shape[0]
     cols = numel // max(1, rows)
-    band = max(1, CHUNK_ELEMENTS // max(1, cols))
+    band = _band_rows(cols, meta.element_size(), out_itemsize)
 
     def rows_of(a: int, b: int) -> Step:
         def apply(inputs: list[torch.Tensor], out: torch.Tensor) -> None:
@@ -396,7 +411,13 @@ def bake(
                         continue
                     changed += 1
                     yield from bake_steps(
-                        f, name, jobs.get(name, []), bias_jobs.get(name, []), compute, scratch
+                        f,
+                        name,
+                        jobs.get(name, []),
+                        bias_jobs.get(name, []),
+                        compute,
+                        scratch,
+                        _itemsize(writer.planned_dtype(name)),
                     )
 
             run_steps(
@@ -494,6 +515,11 @@ def combine(
     return merged
 
 
+def _itemsize(st_dtype: str) -> int:
+    """Bytes per element of a safetensors dtype."""
+    return torch_dtype(st_dtype).itemsize
+
+
 def _sizes(paths: Sequence[Path]) -> int:
     """Bytes of the input files together (what the pipeline's pools are sized by)."""
     return sum(p.stat().st_size for p in paths)
@@ -552,8 +578,10 @@ def _merge_steps(
     lam: float,
     seed: int,
     scratch: _Scratch,
+    out_itemsize: int,
 ) -> Iterator[Step]:
-    """The steps of one merged tensor: elementwise methods part by part, TIES on the whole tensor."""
+    """The steps of one merged tensor: elementwise methods part by part, TIES on the whole tensor
+    (``out_itemsize``: bytes per element of the output tensor)."""
     numel = _numel(files[0].info(name).shape)
 
     if method == "ties":  # the top-k threshold needs each whole task vector
@@ -612,7 +640,8 @@ def _merge_steps(
             )
         out.copy_(w)
 
-    for start, length, last in split_range(numel, CHUNK_ELEMENTS):
+    sizes = [_itemsize(f.info(name).dtype) for f in files]
+    for start, length, last in split_range(numel, chunk_elements(*sizes, out_itemsize)):
         yield Step(name, start, length, [Source(f, name, start, length) for f in files], part, last)
 
 
@@ -718,6 +747,7 @@ def merge_checkpoints(
                         lam=lam,
                         seed=seed,
                         scratch=scratch,
+                        out_itemsize=_itemsize(writer.planned_dtype(name)),
                     )
 
             run_steps(steps(), writer, on_tensor=tick, memory=memory_budget(_sizes([p for p, _ in models])))
