@@ -340,11 +340,11 @@ def test_dataset_config_toml(tmp_path: Path, sd_vae: AutoencoderKL) -> None:
     with np.load(tmp_path / "imgs" / "b_0096x0064_sdxl.npz") as z:
         assert "latents_flipped" in z.files
     bad = tmp_path / "bad.toml"
-    bad.write_text('[[datasets]]\nbucket_no_upscale = true\n[[datasets.subsets]]\nimage_dir = "imgs"\n')
+    bad.write_text('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "imgs"\nrandom_crop = true\n')
     res = runner.invoke(
         app, ["cache", "latents", "--model", str(ckpt), "--dataset-config", str(bad), "--arch", "sdxl"]
     )
-    assert res.exit_code == 1 and "bucket_no_upscale" in res.output
+    assert res.exit_code == 2 and "random_crop" in res.output and "Traceback" not in res.output
 
 
 def test_missing_extra_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

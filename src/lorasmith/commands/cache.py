@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from lorasmith.commands._common import ArchOpt, DeviceOpt, JsonOpt, OverwriteOpt, QuietOpt, guarded
-from lorasmith.output import emit
+from lorasmith.output import emit, warn
 from lorasmith.progress import cli_progress
 
 if TYPE_CHECKING:
@@ -51,6 +51,8 @@ def render_latents(console: Console, r: LatentsCacheResult) -> None:
     )
     if r.buckets:
         console.print("  buckets  " + ", ".join(f"{k}: {v}" for k, v in r.buckets.items()), markup=False)
+    if r.old_npz_removed:
+        console.print(f"  removed  {len(r.old_npz_removed)} old <stem>.npz latent files", markup=False)
 
 
 @COMMAND.command("latents")
@@ -70,6 +72,13 @@ def latents(
     bucket_reso_steps: Annotated[
         int | None, typer.Option("--bucket-reso-steps", help="Bucket step (default 64; 16 for Z-Image).")
     ] = None,
+    bucket_no_upscale: Annotated[
+        bool,
+        typer.Option(
+            "--bucket-no-upscale",
+            help="With --enable-bucket: buckets follow the image sizes, never enlarging.",
+        ),
+    ] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per VAE call.")] = 1,
     flip: Annotated[bool, typer.Option("--flip", help="Also cache the flipped image (flip_aug).")] = False,
     alpha_mask: Annotated[bool, typer.Option("--alpha-mask", help="Also store the alpha channel.")] = False,
@@ -89,6 +98,14 @@ def latents(
         ),
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the latent sampling noise.")] = 0,
+    remove_old_npz: Annotated[
+        bool,
+        typer.Option(
+            "--remove-old-npz",
+            help="Delete old <stem>.npz latent files next to the images (SD1/2, SDXL), which sd-scripts "
+            "would load instead of the new caches.",
+        ),
+    ] = False,
     dtype: Annotated[
         str, typer.Option("--dtype", help="VAE compute dtype: float32, float16, bfloat16.")
     ] = "float32",
@@ -116,6 +133,7 @@ def latents(
             min_bucket_reso=min_bucket_reso,
             max_bucket_reso=max_bucket_reso,
             bucket_reso_steps=bucket_reso_steps,
+            bucket_no_upscale=bucket_no_upscale,
             batch_size=batch_size,
             flip=flip,
             alpha_mask=alpha_mask,
@@ -125,9 +143,19 @@ def latents(
             dtype=dtype,
             latent_dist=latent_dist,  # type: ignore[arg-type]
             seed=seed,
+            remove_old_npz=remove_old_npz,
             progress=progress,
         )
     emit(result, as_json, render_latents)
+    if result.old_npz:
+        # warn() renders markup; file names may hold [brackets]
+        warn(
+            escape(
+                f"{len(result.old_npz)} old <stem>.npz latent files next to the images (first: "
+                f"{result.old_npz[0]}): sd-scripts loads them instead of the new caches; "
+                "pass --remove-old-npz to delete them"
+            )
+        )
     if result.failed:
         raise typer.Exit(1)
 
@@ -211,6 +239,10 @@ def _render_text(console: Console, r: TextCacheResult) -> None:
     )
     for slot, where in r.encoders.items():
         console.print(f"  {slot:7s}  {where}", markup=False)
+    if r.max_token_length is not None:
+        console.print(
+            f"  captions {r.max_token_length} tokens ({r.max_token_length // 75} windows of 77)", markup=False
+        )
     if r.t5_max_length is not None:
         masks = f"t5 mask {'applied' if r.apply_t5_attn_mask else 'not applied'}"
         if r.arch == "sd3":
@@ -258,6 +290,13 @@ def text(
         int | None,
         typer.Option("--t5-max-length", help="T5 tokens (default 512 FLUX dev, 256 FLUX schnell / SD3)."),
     ] = None,
+    max_token_length: Annotated[
+        int | None,
+        typer.Option(
+            "--max-token-length",
+            help="SDXL caption tokens: 75 (default), 150 or 225 (sd-scripts' --max_token_length).",
+        ),
+    ] = None,
     apply_t5_attn_mask: Annotated[
         bool, typer.Option("--apply-t5-attn-mask", help="Mask T5 padding (the trainer's flag).")
     ] = False,
@@ -293,6 +332,7 @@ def text(
             caption_extension=caption_extension,
             batch_size=batch_size,
             t5_max_length=t5_max_length,
+            max_token_length=max_token_length,
             apply_t5_attn_mask=apply_t5_attn_mask,
             apply_lg_attn_mask=apply_lg_attn_mask,
             skip_existing=skip_existing,

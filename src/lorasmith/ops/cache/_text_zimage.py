@@ -114,7 +114,14 @@ def _plan(
 
     # musubi-tuner reads the whole caption file
     return plan_text_jobs(
-        groups, family, valid, skip_existing, overwrite, first_line=False, mismatch="caption"
+        groups,
+        family,
+        valid,
+        skip_existing,
+        overwrite,
+        first_line=False,
+        dreambooth=False,
+        mismatch="caption",
     )
 
 

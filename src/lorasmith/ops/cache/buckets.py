@@ -13,7 +13,19 @@ Two rule sets, because the two trainer families differ:
   rounded down to the step; nearest aspect ratio wins (first on ties), even for an image whose size is a
   bucket (musubi-tuner has no exact-size rule).
 
-In both, the image is scaled so that it covers the bucket (``int(side * scale + 0.5)``) and centre-cropped.
+With ``bucket_no_upscale`` the image is never enlarged and the bucket follows the image, not a list:
+
+- **sd-scripts** (``BucketManager.select_bucket`` with ``no_upscale``): an image of at most the area
+  ``W*H`` keeps its size and its bucket is that size rounded down to ``bucket_reso_steps`` on each side
+  (the excess cropped); a larger image is first shrunk to about that area at its own aspect ratio, the
+  side (width or height) whose rounding to the step keeps the aspect ratio best deciding, and then
+  rounded down the same way. ``min_bucket_reso`` / ``max_bucket_reso`` play no part (sd-scripts says so
+  in a warning).
+- **musubi-tuner** (``BucketSelector.get_bucket_resolution`` with ``no_upscale``): an image of at most
+  the bucket area gets its size rounded down to the step; a larger one the usual bucket of nearest
+  aspect ratio.
+
+Otherwise the image is scaled so that it covers the bucket (``int(side * scale + 0.5)``) and centre-cropped.
 ``crop_ltrb`` is what sd-scripts stores: where the scaled image (fitted *inside* the bucket, Stability AI's
 convention) would sit, as floats.
 """
@@ -29,6 +41,7 @@ __all__ = [
     "crop_ltrb",
     "musubi_bucket_resolutions",
     "place",
+    "place_no_upscale",
     "sd_scripts_bucket_resolutions",
 ]
 
@@ -74,6 +87,8 @@ class BucketRules:
     :ivar max_bucket_reso: largest bucket side (sd-scripts rules).
     :ivar bucket_reso_steps: bucket sides are multiples of this.
     :ivar style: ``sd-scripts`` or ``musubi``.
+    :ivar no_upscale: ``bucket_no_upscale``: buckets follow the image sizes and never enlarge an image
+        (only with ``enable_bucket``, as in the trainers).
     """
 
     resolution: Size
@@ -82,6 +97,7 @@ class BucketRules:
     max_bucket_reso: int = 1024
     bucket_reso_steps: int = 64
     style: str = "sd-scripts"
+    no_upscale: bool = False
 
     def resolutions(self) -> list[Size]:
         """The predefined buckets."""
@@ -138,3 +154,57 @@ def place(image_size: Size, resolutions: list[Size], keep_exact: bool = True) ->
     scale = bucket[1] / h if ar > bucket[0] / bucket[1] else bucket[0] / w
     resized = (int(w * scale + 0.5), int(h * scale + 0.5))
     return Placement(bucket, resized, crop_ltrb(bucket, image_size))
+
+
+def _round_to_steps(x: float, step: int) -> int:
+    # sd-scripts' BucketManager.round_to_steps: round half up, then down to a multiple of the step
+    n = int(x + 0.5)
+    return n - n % step
+
+
+def _sd_scripts_no_upscale(image_size: Size, max_area: int, step: int) -> Size:
+    """The resize size of sd-scripts' ``no_upscale`` rule (the image's own size when small enough)."""
+    w, h = image_size
+    if w * h <= max_area:
+        return image_size
+    ar = w / h
+    # the size of area max_area at the image's aspect ratio
+    width = math.sqrt(max_area * ar)
+    height = max_area / width
+    # round the width, or the height, to the step and derive the other side from the aspect ratio; keep
+    # the one whose rounded pair is closer to the image's aspect ratio (the height wins ties)
+    bw = _round_to_steps(width, step)
+    bh_of_w = _round_to_steps(bw / ar, step)
+    bh = _round_to_steps(height, step)
+    bw_of_h = _round_to_steps(bh * ar, step)
+    # a zero side (an extreme aspect ratio) cannot win; sd-scripts would divide by zero there
+    err_w = abs(bw / bh_of_w - ar) if bh_of_w else math.inf
+    err_h = abs(bw_of_h / bh - ar) if bh else math.inf
+    if err_w < err_h:
+        return (bw, int(bw / ar + 0.5))
+    return (int(bh * ar + 0.5), bh)
+
+
+def place_no_upscale(
+    image_size: Size, rules: BucketRules, resolutions: list[Size] | None = None
+) -> Placement:
+    """Where an image goes with ``bucket_no_upscale`` (see the module notes); a bucket side may be 0 for an
+    image smaller than the step, which the caller must refuse.
+
+    :param resolutions: the musubi-tuner bucket list (for images above the area), computed once by the
+        caller; built from ``rules`` when not given.
+    """
+    step = rules.bucket_reso_steps
+    area = rules.resolution[0] * rules.resolution[1]
+    w, h = image_size
+    if rules.style == "musubi":
+        if w * h > area:
+            return place(image_size, resolutions or rules.resolutions(), keep_exact=False)
+        bucket = (w - w % step, h - h % step)
+        if min(bucket) == 0:
+            return Placement(bucket, image_size, (0.0, 0.0, 0.0, 0.0))
+        return place(image_size, [bucket], keep_exact=False)
+    resized = _sd_scripts_no_upscale(image_size, area, step)
+    # the bucket never exceeds the resized image: the excess is cropped, nothing is padded
+    bucket = (resized[0] - resized[0] % step, resized[1] - resized[1] % step)
+    return Placement(bucket, resized, crop_ltrb(bucket, image_size) if min(bucket) else (0.0, 0.0, 0.0, 0.0))

@@ -1,34 +1,55 @@
 """Training images to cache: a folder, or an sd-scripts / musubi-tuner dataset TOML.
 
-A folder (``--dataset DIR``) contributes the images directly in it and in its immediate subfolders (the
-kohya ``<repeats>_<name>`` layout), not deeper.
+A folder (``--dataset DIR``) contributes the images directly in it and in its immediate subfolders, not
+deeper. A subfolder named in the kohya DreamBooth way, ``<repeats>_<class tokens>`` (``10_sks dog``),
+gives its images those class tokens as caption when they have no caption file, as sd-scripts'
+``--train_data_dir`` does (``config_util.generate_dreambooth_subsets_config_by_subdirs``).
 
 The TOML is read the way sd-scripts reads it: ``[general]`` < ``[[datasets]]`` < ``[[datasets.subsets]]``,
 the innermost value winning, and the command-line options filling in what the file leaves out. Keys used:
 ``resolution`` (``512`` or ``[W, H]``), ``enable_bucket``, ``min_bucket_reso``, ``max_bucket_reso``,
-``bucket_reso_steps``, ``batch_size``, ``flip_aug``, ``alpha_mask``, ``caption_extension``, and the image
-folder ``image_dir`` (sd-scripts) or ``image_directory`` (musubi-tuner, with ``cache_directory``).
-Keys that change what a trainer would cache but are not supported (``bucket_no_upscale``,
-``random_crop``) are an error naming the key, rather than a silently different cache.
+``bucket_reso_steps``, ``bucket_no_upscale``, ``batch_size``, ``flip_aug``, ``alpha_mask``,
+``caption_extension``, ``max_token_length``, the DreamBooth subset keys ``class_tokens``, ``num_repeats``
+(a subset below 1 is left out, as sd-scripts leaves it out), ``is_reg`` and ``enable_wildcard``, and the
+image folder ``image_dir`` (sd-scripts) or ``image_directory`` (musubi-tuner, with ``cache_directory``). A
+subset whose ``image_dir`` repeats an earlier one of the same dataset is left out (sd-scripts keeps the
+first). The augmentation keys that forbid a cache in sd-scripts (``random_crop``, ``color_aug`` for
+latents; ``shuffle_caption``, ``caption_dropout_rate``, ``caption_tag_dropout_rate``,
+``token_warmup_step`` for text) are read so that :func:`check_cacheable` can refuse them by name. A
+fine-tuning subset (``metadata_file``), whose captions and sizes live in a JSON file lorasmith does not
+read, is refused.
+
+Every setting remembers where it was set (:meth:`Settings.origin`), so that a refusal can name the file
+and the table of the key.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from lorasmith.errors import InvalidFileError, NotAvailableError, UsageError
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageGroup", "Settings", "find_images", "folder_group", "load_dataset_config"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "MAX_TOKEN_LENGTHS",
+    "ImageGroup",
+    "Settings",
+    "check_cacheable",
+    "check_max_token_length",
+    "dreambooth_folder",
+    "find_images",
+    "folder_group",
+    "folder_groups",
+    "load_dataset_config",
+]
 
 #: File extensions taken as images (case-insensitive), as the trainers glob them.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".avif")
-
-_UNSUPPORTED = ("bucket_no_upscale", "random_crop")
 
 
 @dataclass(frozen=True)
@@ -40,10 +61,25 @@ class Settings:
     :ivar min_bucket_reso: smallest bucket side.
     :ivar max_bucket_reso: largest bucket side.
     :ivar bucket_reso_steps: bucket step.
+    :ivar bucket_no_upscale: buckets follow the image sizes, never enlarging an image.
     :ivar batch_size: images per VAE call.
     :ivar flip: also cache the horizontally flipped image.
     :ivar alpha_mask: also store the alpha channel as a mask.
     :ivar caption_extension: caption file extension (text caching).
+    :ivar max_token_length: CLIP tokens of a caption without BOS/EOS (``None``, 75, 150 or 225; SDXL text
+        caching), sd-scripts' ``max_token_length``.
+    :ivar class_tokens: the caption of an image without caption file (DreamBooth ``class_tokens``).
+    :ivar num_repeats: repeats of the subset (no effect on a cache; below 1 the subset is left out).
+    :ivar is_reg: regularisation images (no effect on a cache).
+    :ivar enable_wildcard: a caption is every non-empty line of its file, joined by newlines (sd-scripts).
+    :ivar random_crop: ``random_crop`` (latents cannot be cached with it).
+    :ivar color_aug: ``color_aug`` (latents cannot be cached with it).
+    :ivar shuffle_caption: ``shuffle_caption`` (text-encoder outputs cannot be cached with it).
+    :ivar caption_dropout_rate: ``caption_dropout_rate`` (no text-encoder cache above 0).
+    :ivar caption_tag_dropout_rate: ``caption_tag_dropout_rate`` (no text-encoder cache above 0).
+    :ivar token_warmup_step: ``token_warmup_step`` (no text-encoder cache above 0).
+    :ivar weighted_captions: ``weighted_captions`` (not supported by ``cache text``).
+    :ivar origins: ``(key, where)`` for every key a dataset config set (the TOML file and table).
     """
 
     resolution: tuple[int, int]
@@ -52,9 +88,28 @@ class Settings:
     max_bucket_reso: int = 1024
     bucket_reso_steps: int = 64
     batch_size: int = 1
+    bucket_no_upscale: bool = False
     flip: bool = False
     alpha_mask: bool = False
     caption_extension: str = ".txt"
+    max_token_length: int | None = None
+    class_tokens: str | None = None
+    num_repeats: int = 1
+    is_reg: bool = False
+    enable_wildcard: bool = False
+    random_crop: bool = False
+    color_aug: bool = False
+    shuffle_caption: bool = False
+    caption_dropout_rate: float = 0.0
+    caption_tag_dropout_rate: float = 0.0
+    token_warmup_step: float = 0.0
+    weighted_captions: bool = False
+    origins: tuple[tuple[str, str], ...] = ()
+
+    def origin(self, key: str) -> str | None:
+        """Where a dataset config set ``key`` (``"<file> [general]"``), ``None`` when none did."""
+        found = [where for k, where in self.origins if k == key]
+        return found[-1] if found else None
 
 
 @dataclass(frozen=True)
@@ -64,11 +119,14 @@ class ImageGroup:
     :ivar images: the image files, sorted.
     :ivar settings: how they are cached.
     :ivar cache_dir: where caches go (``None``: next to each image).
+    :ivar source: where the group comes from (``dataset.toml datasets[0].subsets[1]``, a folder), for
+        messages.
     """
 
     images: tuple[Path, ...]
     settings: Settings
     cache_dir: Path | None = None
+    source: str = ""
 
 
 def _is_image(p: Path) -> bool:
@@ -90,20 +148,64 @@ def find_images(folder: Path, subfolders: bool = False) -> list[Path]:
 
 
 def folder_group(folder: str | os.PathLike[str], settings: Settings) -> ImageGroup:
-    """The :class:`ImageGroup` of a dataset folder.
+    """The :class:`ImageGroup` of a dataset folder (its images and its immediate subfolders' in one group).
+
+    :raises InvalidFileError: the folder is missing or holds no image.
+    """
+    groups = folder_groups(folder, settings)
+    images = sorted(im for g in groups for im in g.images)
+    return ImageGroup(tuple(images), settings, source=str(folder))
+
+
+def dreambooth_folder(name: str) -> tuple[int, str] | None:
+    """``(repeats, class tokens)`` of a kohya DreamBooth folder name ``<repeats>_<class tokens>``.
+
+    As sd-scripts reads it: the name split at ``_``, the first part an integer, the class tokens the rest
+    joined by ``_`` again (``"10_sks_dog"`` -> ``(10, "sks_dog")``). ``None`` when the first part is not an
+    integer.
+    """
+    first, *rest = name.split("_")
+    try:
+        repeats = int(first)
+    except ValueError:
+        return None
+    return repeats, "_".join(rest)
+
+
+def folder_groups(folder: str | os.PathLike[str], settings: Settings) -> list[ImageGroup]:
+    """The groups of a dataset folder: its own images, then one group per immediate subfolder.
+
+    A subfolder named ``<repeats>_<class tokens>`` with repeats of at least 1 gives its images those
+    class tokens (the caption of an image without caption file) and repeats.
 
     :raises InvalidFileError: the folder is missing or holds no image.
     """
     p = Path(folder)
     if not p.is_dir():
         raise InvalidFileError(f"{p}: dataset folder not found", hint="pass a folder of training images")
-    images = find_images(p, subfolders=True)
-    if not images:
+    groups: list[ImageGroup] = []
+    top = find_images(p)
+    if top:
+        groups.append(ImageGroup(tuple(top), settings, source=str(p)))
+    try:
+        subs = sorted(q for q in p.iterdir() if q.is_dir() and not q.name.startswith("."))
+    except OSError as exc:
+        raise InvalidFileError(f"{p}: cannot list the folder ({exc.strerror or exc})") from exc
+    for sub in subs:
+        images = find_images(sub)
+        if not images:
+            continue
+        sub_settings = settings
+        parsed = dreambooth_folder(sub.name)
+        if parsed is not None and parsed[0] >= 1:
+            sub_settings = replace(settings, num_repeats=parsed[0], class_tokens=parsed[1])
+        groups.append(ImageGroup(tuple(images), sub_settings, source=str(sub)))
+    if not groups:
         raise InvalidFileError(
             f"{p}: no images found ({', '.join(IMAGE_EXTENSIONS)})",
             hint="pass the folder that holds the training images",
         )
-    return ImageGroup(tuple(images), settings)
+    return groups
 
 
 def _resolution(value: Any, source: str) -> tuple[int, int]:
@@ -138,12 +240,6 @@ def parse_resolution(value: str | int | tuple[int, int], source: str = "--resolu
 
 
 def _apply(settings: Settings, table: Mapping[str, Any], source: str) -> Settings:
-    for key in _UNSUPPORTED:
-        if table.get(key):
-            raise NotAvailableError(
-                f"{source}: {key} = true is not supported by lorasmith cache",
-                hint=f"remove {key} or cache with the trainer's own script",
-            )
     changes: dict[str, Any] = {}
     if "resolution" in table:
         changes["resolution"] = parse_resolution(table["resolution"], f"{source}: resolution")
@@ -152,18 +248,106 @@ def _apply(settings: Settings, table: Mapping[str, Any], source: str) -> Setting
         "min_bucket_reso": ("min_bucket_reso", int),
         "max_bucket_reso": ("max_bucket_reso", int),
         "bucket_reso_steps": ("bucket_reso_steps", int),
+        "bucket_no_upscale": ("bucket_no_upscale", bool),
         "batch_size": ("batch_size", int),
         "flip_aug": ("flip", bool),
         "alpha_mask": ("alpha_mask", bool),
         "caption_extension": ("caption_extension", str),
+        "max_token_length": ("max_token_length", int),
+        "class_tokens": ("class_tokens", str),
+        "num_repeats": ("num_repeats", int),
+        "is_reg": ("is_reg", bool),
+        "enable_wildcard": ("enable_wildcard", bool),
+        "random_crop": ("random_crop", bool),
+        "color_aug": ("color_aug", bool),
+        "shuffle_caption": ("shuffle_caption", bool),
+        "caption_dropout_rate": ("caption_dropout_rate", float),
+        "caption_tag_dropout_rate": ("caption_tag_dropout_rate", float),
+        "token_warmup_step": ("token_warmup_step", float),
+        "weighted_captions": ("weighted_captions", bool),
     }
+    set_here: list[tuple[str, str]] = []
     for key, (field, kind) in simple.items():
         if key in table:
             value = table[key]
-            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            # a float key takes an integer too (``token_warmup_step = 0``)
+            ok = isinstance(value, (int, float) if kind is float else kind)
+            if not ok or (kind in (int, float) and isinstance(value, bool)):
                 raise UsageError(f"{source}: {key} must be {kind.__name__}, got {value!r}")
             changes[field] = value
-    return replace(settings, **changes)
+            set_here.append((key, source))
+    if "resolution" in table:
+        set_here.append(("resolution", source))
+    ext = changes.get("caption_extension")
+    if ext and not ext.startswith("."):
+        # sd-scripts accepts "txt" for ".txt"
+        changes["caption_extension"] = "." + ext
+    if "max_token_length" in changes:
+        changes["max_token_length"] = check_max_token_length(
+            changes["max_token_length"], f"{source}: max_token_length"
+        )
+    return replace(settings, origins=settings.origins + tuple(set_here), **changes)
+
+
+def check_cacheable(groups: Sequence[ImageGroup], what: str) -> None:
+    """Refuse dataset settings under which the trainer would not use (or not build) such a cache.
+
+    ``what`` is ``latents`` or ``text``. sd-scripts refuses to cache latents with ``random_crop`` or
+    ``color_aug`` (``is_latent_cacheable``: both change the pixels every step), and text-encoder outputs
+    with ``shuffle_caption``, ``caption_dropout_rate``, ``caption_tag_dropout_rate`` or
+    ``token_warmup_step`` (``is_text_encoder_output_cacheable``: each changes the caption every step).
+    ``weighted_captions`` is refused by lorasmith: sd-scripts caches weighted SDXL captions, lorasmith
+    does not weight them yet.
+
+    :raises UsageError: a setting the trainer refuses to cache with, naming the TOML file and table.
+    :raises NotAvailableError: ``weighted_captions`` for text.
+    """
+    for group in groups:
+        s = group.settings
+        if what == "latents":
+            refused = [k for k in ("random_crop", "color_aug") if getattr(s, k)]
+            why = "it changes the image every step, so sd-scripts refuses to cache latents with it"
+            hint = "set it to false (or leave it out) for a run with cached latents, or do not cache latents"
+        else:
+            if s.weighted_captions:
+                raise NotAvailableError(
+                    f"{s.origin('weighted_captions') or group.source}: weighted_captions = true is not "
+                    "supported by lorasmith cache text",
+                    hint="drop it, or let sd-scripts cache weighted captions itself (--weighted_captions)",
+                )
+            flags = {
+                "shuffle_caption": s.shuffle_caption,
+                "caption_dropout_rate": s.caption_dropout_rate > 0,
+                "caption_tag_dropout_rate": s.caption_tag_dropout_rate > 0,
+                "token_warmup_step": s.token_warmup_step > 0,
+            }
+            refused = [k for k, on in flags.items() if on]
+            why = "it changes the caption every step, so sd-scripts refuses to cache text outputs with it"
+            hint = "drop it for a run with cached text-encoder outputs, or do not cache them"
+        if refused:
+            key = refused[0]
+            value = getattr(s, key)
+            shown = str(value).lower() if isinstance(value, bool) else value  # as the TOML spells it
+            raise UsageError(f"{s.origin(key) or group.source}: {key} = {shown}: {why}", hint=hint)
+
+
+#: The caption lengths sd-scripts accepts (``--max_token_length``); ``None`` and 75 are the same.
+MAX_TOKEN_LENGTHS = (75, 150, 225)
+
+
+def check_max_token_length(value: int | None, source: str = "--max-token-length") -> int | None:
+    """``None`` (also for 75), 150 or 225.
+
+    :raises UsageError: any other value.
+    """
+    if value is None or value == 75:
+        return None
+    if value not in MAX_TOKEN_LENGTHS:
+        raise UsageError(
+            f"{source} {value} is not 75, 150 or 225",
+            hint="sd-scripts encodes captions in 75-token chunks: use 150 or 225, or leave it out (75)",
+        )
+    return value
 
 
 def _toml_load(path: Path) -> dict[str, Any]:
@@ -194,6 +378,7 @@ def load_dataset_config(path: str | os.PathLike[str], defaults: Settings) -> lis
 
     :raises InvalidFileError: unreadable file, a missing image folder, or no dataset in it.
     :raises UsageError: a key with a value of the wrong type.
+    :raises NotAvailableError: a fine-tuning subset (``metadata_file``).
     """
     p = Path(path)
     data = _toml_load(p)
@@ -211,18 +396,30 @@ def load_dataset_config(path: str | os.PathLike[str], defaults: Settings) -> lis
         ds_settings = _apply(base, ds, f"{p} datasets[{i}]")
         subsets = ds.get("subsets")
         tables = subsets if isinstance(subsets, list) and subsets else [ds]
+        seen: set[str] = set()
         for j, sub in enumerate(tables):
             src = f"{p} datasets[{i}].subsets[{j}]" if tables is subsets else f"{p} datasets[{i}]"
+            if not isinstance(sub, dict):
+                raise UsageError(f"{src} must be a table")
+            if "metadata_file" in sub:
+                raise NotAvailableError(
+                    f"{src}: metadata_file (a fine-tuning subset) is not supported by lorasmith cache",
+                    hint="use a DreamBooth subset (image_dir with caption files), or the trainer's own cache",
+                )
             settings = _apply(ds_settings, sub, src) if tables is subsets else ds_settings
             folder = sub.get("image_dir") or sub.get("image_directory")
             if not isinstance(folder, str):
                 raise InvalidFileError(f"{src}: no image_dir / image_directory", hint="name the image folder")
+            if settings.num_repeats < 1 or folder in seen:
+                # sd-scripts leaves out a subset without repeats, and a second subset of the same folder
+                continue
+            seen.add(folder)
             image_dir = _relative(p, folder)
             cache = sub.get("cache_directory") or ds.get("cache_directory")
             cache_dir = _relative(p, cache) if isinstance(cache, str) else None
             if not image_dir.is_dir():
                 raise InvalidFileError(f"{src}: image folder {image_dir} not found")
-            groups.append(ImageGroup(tuple(find_images(image_dir)), settings, cache_dir))
+            groups.append(ImageGroup(tuple(find_images(image_dir)), settings, cache_dir, src))
     return groups
 
 

@@ -22,6 +22,11 @@ A cache is *valid* when it loads and holds the keys this run would write with th
 another resolution gets this resolution's keys added, keeping the others (as sd-scripts does). Writes are
 atomic. An image that cannot be read or a cache that cannot be written is reported in the result and
 the run goes on.
+
+``bucket_no_upscale`` buckets follow the images (:func:`~lorasmith.ops.cache.buckets.place_no_upscale`).
+``random_crop`` / ``color_aug``, with which sd-scripts refuses to cache latents, stop the run first. Old
+sd-scripts caches ``<stem>.npz`` next to SD/SDXL images, which sd-scripts loads instead of the new names,
+are listed in the result, and deleted only with ``remove_old_npz``.
 """
 
 from __future__ import annotations
@@ -38,11 +43,12 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, Field
 
 from lorasmith.errors import InvalidFileError, LorasmithError, NotAvailableError, UsageError
-from lorasmith.ops.cache.buckets import BucketRules, Placement, place
+from lorasmith.ops.cache.buckets import BucketRules, Placement, place, place_no_upscale
 from lorasmith.ops.cache.datasets import (
     ImageGroup,
     Settings,
-    folder_group,
+    check_cacheable,
+    folder_groups,
     load_dataset_config,
     parse_resolution,
 )
@@ -113,6 +119,9 @@ class LatentsCacheResult(BaseModel):
     :ivar skipped: valid caches left as they were.
     :ivar failed: images that failed.
     :ivar buckets: ``"WxH"`` -> number of images.
+    :ivar old_npz: latent caches of the old sd-scripts name ``<stem>.npz`` next to the images (SD1/SD2/
+        SDXL), which sd-scripts loads instead of the new ones; left in place.
+    :ivar old_npz_removed: those removed on request (``remove_old_npz``).
     :ivar items: every image.
     """
 
@@ -127,6 +136,8 @@ class LatentsCacheResult(BaseModel):
     skipped: int
     failed: int
     buckets: dict[str, int] = Field(default_factory=dict)
+    old_npz: list[str] = Field(default_factory=list)
+    old_npz_removed: list[str] = Field(default_factory=list)
     items: list[CacheItem] = Field(default_factory=list)
 
 
@@ -309,9 +320,20 @@ def _groups(
             hint="--dataset DIR for a folder of images, --dataset-config for an sd-scripts TOML",
         )
     if dataset is not None:
-        return [folder_group(dataset, defaults)]
+        return folder_groups(dataset, defaults)
     assert dataset_config is not None
     return load_dataset_config(dataset_config, defaults)
+
+
+def _old_npz(groups: Iterable[ImageGroup], family: LatentFamily) -> list[Path]:
+    """The ``<stem>.npz`` files next to the images, which sd-scripts' SD/SDXL latent strategy loads instead
+    of ``<stem>_WxH_sd(xl).npz`` when they exist (``SdSdxlLatentsCachingStrategy.get_latents_npz_path``).
+    FLUX and SD3 (and musubi-tuner) do not look for them."""
+    if family.arch not in ("sd1", "sd2", "sdxl"):
+        return []
+    # dict, not set: keep the images' order, and two images a.png / a.jpg share one a.npz
+    found = {p: None for g in groups for im in g.images if (p := im.with_suffix(".npz")).is_file()}
+    return list(found)
 
 
 def _plan(
@@ -334,6 +356,8 @@ def _plan(
             s.max_bucket_reso,
             s.bucket_reso_steps,
             "musubi" if family.musubi else "sd-scripts",
+            # the trainers ignore bucket_no_upscale without bucketing
+            s.bucket_no_upscale and s.enable_bucket,
         )
         resos = rules.resolutions()
         for image in group.images:
@@ -342,7 +366,20 @@ def _plan(
             except LorasmithError as exc:
                 items.append(CacheItem(image=str(image), status="failed", error=exc.message))
                 continue
-            placement = place(size, resos, keep_exact=not family.musubi)
+            if rules.no_upscale:
+                placement = place_no_upscale(size, rules, resos)
+                if min(placement.bucket) == 0:
+                    items.append(
+                        CacheItem(
+                            image=str(image),
+                            status="failed",
+                            error=f"{image}: {size[0]}x{size[1]} is smaller than bucket_reso_steps "
+                            f"{rules.bucket_reso_steps} on one side: no bucket_no_upscale bucket fits",
+                        )
+                    )
+                    continue
+            else:
+                placement = place(size, resos, keep_exact=not family.musubi)
             target = cache_path(image, size, family, group.cache_dir)
             item = CacheItem(image=str(image), cache=str(target), status="written", bucket=placement.bucket)
             items.append(item)
@@ -416,6 +453,7 @@ def cache_latents(
     min_bucket_reso: int = 256,
     max_bucket_reso: int = 1024,
     bucket_reso_steps: int | None = None,
+    bucket_no_upscale: bool = False,
     batch_size: int = 1,
     flip: bool = False,
     alpha_mask: bool = False,
@@ -425,6 +463,7 @@ def cache_latents(
     dtype: str = "float32",
     latent_dist: LatentDist | None = None,
     seed: int = 0,
+    remove_old_npz: bool = False,
     progress: ProgressCallback = noop,
 ) -> LatentsCacheResult:
     """VAE-encode the images of ``dataset`` (a folder) or ``dataset_config`` (a TOML) into trainer caches.
@@ -434,10 +473,16 @@ def cache_latents(
     :param vae: take the VAE from this file instead of ``model`` (e.g. FLUX's ``ae.safetensors``).
     :param resolution: ``W`` or ``(W, H)``; the family's training resolution when omitted.
     :param bucket_reso_steps: bucket step; 64 (sd-scripts) or 16 (musubi-tuner) when omitted.
+    :param bucket_no_upscale: with ``enable_bucket``, buckets follow the image sizes and never enlarge an
+        image (the trainers' ``bucket_no_upscale`` rule; ``min_bucket_reso`` / ``max_bucket_reso`` unused).
     :param dtype: the VAE's compute dtype; latents are saved as float32 whatever it is.
     :param latent_dist: ``sample`` or ``mean``; what the family's trainer stores when omitted (``sample``
         for sd-scripts, ``mean`` for musubi-tuner's Z-Image).
-    :raises UsageError: bad option values (also ``flip`` / ``alpha_mask`` for Z-Image).
+    :param remove_old_npz: delete the ``<stem>.npz`` files next to the images (SD1/SD2/SDXL), which
+        sd-scripts would load instead of the new caches; without it they are only listed
+        (``old_npz``). Nothing else is ever deleted.
+    :raises UsageError: bad option values (also ``flip`` / ``alpha_mask`` for Z-Image), or a dataset
+        setting under which sd-scripts refuses to cache latents (``random_crop``, ``color_aug``).
     :raises NotAvailableError: the ``cache`` extra is not installed.
     :raises InvalidFileError: unreadable model, dataset folder or config.
     """
@@ -462,9 +507,34 @@ def cache_latents(
             f"--min-bucket-reso {min_bucket_reso} is larger than --max-bucket-reso {max_bucket_reso}"
         )
     defaults = Settings(
-        reso, enable_bucket, min_bucket_reso, max_bucket_reso, steps, batch_size, flip, alpha_mask
+        reso,
+        enable_bucket,
+        min_bucket_reso,
+        max_bucket_reso,
+        steps,
+        batch_size,
+        flip=flip,
+        alpha_mask=alpha_mask,
+        bucket_no_upscale=bucket_no_upscale,
     )
-    items, jobs = _plan(_groups(dataset, dataset_config, defaults), family, skip_existing, overwrite)
+    groups = _groups(dataset, dataset_config, defaults)
+    check_cacheable(groups, "latents")
+    old_npz = _old_npz(groups, family)
+    removed: list[str] = []
+    if remove_old_npz:
+        for path in old_npz:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise InvalidFileError(
+                    f"{path}: cannot remove the old latent cache ({exc.strerror or exc})",
+                    hint="remove it by hand: sd-scripts would load it instead of the new cache",
+                ) from exc
+            removed.append(str(path))
+        old_npz = []
+    items, jobs = _plan(groups, family, skip_existing, overwrite)
     total = len(items)
     done = total - len(jobs)
     progress(ProgressEvent("encoding", done, total))
@@ -487,6 +557,8 @@ def cache_latents(
         skipped=sum(it.status == "skipped" for it in items),
         failed=sum(it.status == "failed" for it in items),
         buckets=dict(sorted(buckets.items())),
+        old_npz=[str(p) for p in old_npz],
+        old_npz_removed=removed,
         items=items,
     )
 

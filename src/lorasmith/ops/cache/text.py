@@ -17,17 +17,23 @@ to it (or in the TOML's ``cache_directory``). The formats are sd-scripts' (``lib
 - Z-Image, musubi-tuner's ``<stem>_zi_te.safetensors``: ``varlen_llm_embed_<dtype>`` (tokens, 2560), the
   Qwen3 embedding of the chat-templated caption (:mod:`~lorasmith.ops.cache._text_zimage`).
 
-``T`` is the T5 token length: 512 for FLUX dev, 256 for FLUX schnell and SD3 (``t5_max_length``).
+``T`` is the T5 token length: 512 for FLUX dev, 256 for FLUX schnell and SD3 (``t5_max_length``). SDXL
+captions may be 150 or 225 tokens long (``max_token_length``): split into 77-token windows, encoded one by
+one and joined into ``(152 or 227, width)`` states as sd-scripts does (:func:`chunk_token_ids`).
 Tokens are padded to the full length (``padding="max_length"``, truncated); SDXL's and SD3's CLIP-G
 tokenizer pads with id 0, as sd-scripts sets it. The attention masks are only *applied* in the encoders
 when ``apply_t5_attn_mask`` / ``apply_lg_attn_mask`` ask for it (the trainers' flags of the same names;
 a cache is valid for a run only with the same flags). Float outputs are float32, or float16 when the
 encoders run in float16 (sd-scripts converts only bfloat16).
 
-Captions are ``<stem><caption_extension>`` next to the image: the first line, stripped (sd-scripts
-reads the first line; for Z-Image the whole file, as musubi-tuner reads it). Without an extension set,
-``.caption`` then ``.txt`` are tried. A missing, empty or undecodable caption is reported for that image
-and the run goes on.
+Captions are those sd-scripts' DreamBooth dataset encodes (:func:`read_caption`): ``<stem><ext>`` next to
+the image, its first line stripped (every non-empty line with ``enable_wildcard``; the face-crop name
+``<name>_x_y_w_h`` also looks for ``<name><ext>``), else the subset's ``class_tokens`` (or those of a
+``<repeats>_<class tokens>`` folder). For Z-Image the whole file, as musubi-tuner reads it, and no class
+tokens. Without an extension set, ``.caption`` then ``.txt`` are tried. A missing, empty or undecodable
+caption is reported for that image and the run goes on. Dataset settings under which sd-scripts refuses to
+cache text-encoder outputs (``shuffle_caption``, caption dropout, token warm-up) stop the run first
+(:func:`~lorasmith.ops.cache.datasets.check_cacheable`).
 
 A cache is *valid* when it loads, holds every key with the expected shape, and records the same mask
 flags. Valid caches are skipped (``skip_existing``); any other existing cache is replaced only with
@@ -48,7 +54,14 @@ from pydantic import BaseModel, Field
 
 from lorasmith.errors import InvalidFileError, LorasmithError, UsageError
 from lorasmith.ops.cache._te_models import EncoderSource, find_sources
-from lorasmith.ops.cache.datasets import ImageGroup, Settings, folder_group, load_dataset_config
+from lorasmith.ops.cache.datasets import (
+    ImageGroup,
+    Settings,
+    check_cacheable,
+    check_max_token_length,
+    folder_groups,
+    load_dataset_config,
+)
 from lorasmith.progress import ProgressCallback, ProgressEvent, noop
 
 if TYPE_CHECKING:
@@ -62,6 +75,7 @@ __all__ = [
     "TextCacheResult",
     "TextFamily",
     "cache_text",
+    "chunk_token_ids",
     "load_tokenizer",
     "read_caption",
     "text_cache_path",
@@ -166,7 +180,10 @@ class TextCacheItem(BaseModel):
     """One image, its caption and its cache file.
 
     :ivar image: the image file.
-    :ivar caption_file: the caption file read (``None`` when none was found).
+    :ivar caption_file: the caption file read (``None`` when none was found, or the class tokens were
+        used).
+    :ivar caption: the caption encoded.
+    :ivar from_class_tokens: the caption is the class tokens (no caption file; DreamBooth).
     :ivar cache: the cache file.
     :ivar status: ``written``, ``skipped`` (a valid cache was there) or ``failed``.
     :ivar error: why it failed.
@@ -174,6 +191,8 @@ class TextCacheItem(BaseModel):
 
     image: str
     caption_file: str | None = None
+    caption: str | None = None
+    from_class_tokens: bool = False
     cache: str | None = None
     status: Literal["written", "skipped", "failed"]
     error: str | None = None
@@ -186,6 +205,7 @@ class TextCacheResult(BaseModel):
     :ivar cache_format: ``sd-scripts npz`` or ``musubi-tuner safetensors`` (Z-Image).
     :ivar encoders: slot -> where its weights came from.
     :ivar t5_max_length: the T5 token length (``None`` without T5).
+    :ivar max_token_length: SDXL's caption length without BOS/EOS, 150 or 225 (``None``: 75).
     :ivar apply_t5_attn_mask: the T5 attention mask was applied.
     :ivar apply_lg_attn_mask: the CLIP attention masks were applied (SD3).
     :ivar images: images found.
@@ -199,6 +219,7 @@ class TextCacheResult(BaseModel):
     cache_format: str
     encoders: dict[str, str] = Field(default_factory=dict)
     t5_max_length: int | None = None
+    max_token_length: int | None = None
     apply_t5_attn_mask: bool = False
     apply_lg_attn_mask: bool = False
     images: int
@@ -213,6 +234,7 @@ class _Options:
     t5_length: int | None
     apply_t5: bool
     apply_lg: bool
+    max_token_length: int | None = None
 
 
 @dataclass
@@ -232,34 +254,73 @@ def text_cache_path(image: Path, family: TextFamily, cache_dir: Path | None = No
     return folder / f"{image.stem}{family.suffix}"
 
 
-def read_caption(image: Path, extensions: Sequence[str], first_line: bool = True) -> tuple[Path, str]:
-    """The caption of ``image``: the first line of the first ``<stem><ext>`` that exists, stripped.
-
-    With ``first_line=False`` the whole file, stripped (musubi-tuner's reading).
-
-    :raises InvalidFileError: no caption file, an empty one, or one that is not UTF-8.
-    """
+def _caption_files(image: Path, extensions: Sequence[str], face_crop_names: bool) -> list[Path]:
+    """Where a caption may be: ``<stem><ext>`` for each extension, and (sd-scripts) the name without the
+    four ``_``-separated face-crop numbers of ``<name>_<x>_<y>_<w>_<h>.png``."""
+    base = str(image.with_suffix(""))
+    tokens = base.split("_")
+    found: list[Path] = []
     for ext in extensions:
-        path = image.with_name(image.stem + ext)
+        found.append(Path(base + ext))
+        # sd-scripts splits the whole path, so any five "_"-separated parts count, as there
+        if face_crop_names and len(tokens) >= 5:
+            found.append(Path("_".join(tokens[:-4]) + ext))
+    return found
+
+
+def read_caption(
+    image: Path,
+    extensions: Sequence[str],
+    first_line: bool = True,
+    *,
+    class_tokens: str | None = None,
+    face_crop_names: bool = False,
+    wildcard: bool = False,
+) -> tuple[Path | None, str]:
+    """The caption of ``image`` and the file it came from (``None``: the class tokens).
+
+    The first caption file that exists (:func:`_caption_files`) gives the caption: its first line,
+    stripped (sd-scripts); with ``wildcard`` every non-empty line, stripped and joined by newlines
+    (sd-scripts' ``enable_wildcard``); with ``first_line=False`` the whole file, stripped (musubi-tuner).
+    Without a caption file, ``class_tokens`` (sd-scripts' DreamBooth rule), when given.
+
+    :raises InvalidFileError: no caption file and no class tokens, an empty caption, or a file that is
+        not UTF-8. (The trainer encodes an image it finds no cache for itself, so an image refused here
+        still trains on what the trainer reads.)
+    """
+    for path in _caption_files(image, extensions, face_crop_names):
         if not path.is_file():
             continue
         try:
-            text = path.read_text(encoding="utf-8")
+            # universal newlines and readlines(), as sd-scripts reads the file
+            with path.open("r", encoding="utf-8") as fh:
+                lines = fh.readlines()
         except UnicodeDecodeError as exc:
             raise InvalidFileError(f"{path}: caption is not UTF-8 text", hint="save it as UTF-8") from exc
         except OSError as exc:
             raise InvalidFileError(f"{path}: cannot read the caption ({exc.strerror or exc})") from exc
-        lines = text.splitlines()
-        caption = (lines[0].strip() if lines else "") if first_line else text.strip()
+        if wildcard:
+            caption = "\n".join(line.strip() for line in lines if line.strip())
+        elif first_line:
+            caption = lines[0].strip() if lines else ""
+        else:
+            caption = "".join(lines).strip()
         if not caption:
             raise InvalidFileError(
                 f"{path}: the caption file is empty", hint="write the caption on its first line"
             )
         return path, caption
+    if class_tokens:
+        return None, class_tokens
     tried = " or ".join(image.stem + e for e in extensions)
+    if class_tokens is not None:
+        raise InvalidFileError(
+            f"{image}: no caption file ({tried}) and the class tokens are empty",
+            hint="write a caption file next to the image, or set class_tokens",
+        )
     raise InvalidFileError(
         f"{image}: no caption file ({tried})",
-        hint="write a caption file next to the image, or pass --caption-extension",
+        hint="write a caption file next to the image, set class_tokens, or pass --caption-extension",
     )
 
 
@@ -414,9 +475,11 @@ def _expected(
     t5_len = opts.t5_length or 0
     if family.arch == "sdxl":
         g = src["clip_g"]
+        # n chunks of 75 tokens between one BOS and one EOS
+        states = opts.max_token_length + 2 if opts.max_token_length else clip_len
         return {
-            "hidden_state1": (clip_len, src["clip_l"].width),
-            "hidden_state2": (clip_len, g.width),
+            "hidden_state1": (states, src["clip_l"].width),
+            "hidden_state2": (states, g.width),
             "pool2": (g.projection or g.width,),
         }
     if family.arch == "flux":
@@ -471,7 +534,7 @@ def _groups(dataset: Path | None, dataset_config: Path | None, defaults: Setting
             hint="--dataset DIR for a folder of images, --dataset-config for an sd-scripts TOML",
         )
     if dataset is not None:
-        return [folder_group(dataset, defaults)]
+        return folder_groups(dataset, defaults)
     assert dataset_config is not None
     return load_dataset_config(dataset_config, defaults)
 
@@ -484,6 +547,7 @@ def plan_text_jobs(
     overwrite: bool,
     *,
     first_line: bool = True,
+    dreambooth: bool = True,
     mismatch: str = "settings",
 ) -> tuple[list[TextCacheItem], list[TextJob]]:
     """Every image's report item, and the jobs to run: captions read (a missing one fails that image),
@@ -491,6 +555,8 @@ def plan_text_jobs(
     skipped or refused as ``skip_existing`` / ``overwrite`` say.
 
     :param first_line: read only a caption file's first line (sd-scripts) or all of it (musubi-tuner).
+    :param dreambooth: sd-scripts' DreamBooth caption rules: class tokens for an image without caption
+        file, face-crop caption names, ``enable_wildcard``.
     :param mismatch: what an invalid cache does not match, for its message.
     """
     items: list[TextCacheItem] = []
@@ -502,12 +568,21 @@ def plan_text_jobs(
             target = text_cache_path(image, family, group.cache_dir)
             item = TextCacheItem(image=str(image), cache=str(target), status="written")
             items.append(item)
+            s = group.settings
             try:
-                caption_file, caption = read_caption(image, extensions, first_line=first_line)
+                caption_file, caption = read_caption(
+                    image,
+                    extensions,
+                    first_line=first_line,
+                    class_tokens=s.class_tokens if dreambooth else None,
+                    face_crop_names=dreambooth,
+                    wildcard=dreambooth and s.enable_wildcard,
+                )
             except LorasmithError as exc:
                 item.status, item.error = "failed", exc.message
                 continue
-            item.caption_file = str(caption_file)
+            item.caption_file = None if caption_file is None else str(caption_file)
+            item.caption, item.from_class_tokens = caption, caption_file is None
             ready.append(TextJob(image, target, caption, item))
     existing = [j for j in ready if j.cache.exists()]
     verdicts = dict(zip(map(id, existing), valid(existing), strict=True))
@@ -570,6 +645,55 @@ def _tokens(enc: _Encoders, slot: str, captions: list[str], length: int) -> tupl
     return ids, mask
 
 
+def chunk_token_ids(ids: Sequence[int], window: int, eos: int, pad: int) -> list[list[int]]:
+    """sd-scripts' split of one long caption's token ids into encoder windows (``_get_input_ids``).
+
+    ``ids`` is the caption tokenized to ``n * (window - 2) + 2`` ids (BOS, the tokens, EOS, padding). Window
+    ``k`` is BOS, the ``window - 2`` ids from position ``1 + k * (window - 2)``, and the sequence's *last*
+    id (EOS, or the padding). When the tokenizer pads with an id other than EOS (SDXL's CLIP-G pads with
+    0), a window whose text runs on past it gets EOS as its last id, and a window with no text starts
+    ``BOS EOS``; a tokenizer that pads with EOS (CLIP-L) needs neither fix.
+    """
+    body = window - 2
+    n = (len(ids) - 2) // body
+    windows: list[list[int]] = []
+    for k in range(n):
+        w = [int(ids[0]), *(int(i) for i in ids[1 + k * body : 1 + (k + 1) * body]), int(ids[-1])]
+        if pad != eos:
+            if w[-2] not in (eos, pad):
+                w[-1] = eos
+            if w[1] == pad:
+                w[1] = eos
+        windows.append(w)
+    return windows
+
+
+def _long_tokens(enc: _Encoders, slot: str, captions: list[str], max_token_length: int, window: int) -> Any:
+    """Token windows ``(B * n, window)`` of captions ``max_token_length`` tokens long (n per caption)."""
+    import torch
+
+    ids, _ = _tokens(enc, slot, captions, max_token_length + 2)
+    tok = enc.tokenizers[slot]
+    pad = enc.pad_ids.get(slot, tok.pad_token_id)
+    rows = [w for row in ids.tolist() for w in chunk_token_ids(row, window, tok.eos_token_id, pad)]
+    return torch.tensor(rows, dtype=ids.dtype)
+
+
+def _join_windows(states: torch.Tensor, batch: int, window: int) -> torch.Tensor:
+    """``(B * n, window, C)`` encoder states -> ``(B, n * (window - 2) + 2, C)``, as sd-scripts joins them.
+
+    The first window's BOS state, the ``window - 2`` inner states of every window in order, and the
+    last window's final state (its EOS or padding): BOS/EOS states of the inner windows are dropped.
+    """
+    import torch
+
+    flat = states.reshape(batch, -1, states.shape[-1])
+    parts = [flat[:, :1]]
+    parts += [flat[:, i : i + window - 2] for i in range(1, flat.shape[1], window)]
+    parts.append(flat[:, -1:])
+    return torch.cat(parts, dim=1)
+
+
 def _clip(
     enc: _Encoders, slot: str, ids: torch.Tensor, mask: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -609,7 +733,20 @@ def _encode(
 
     out: dict[str, Any] = {}
     with torch.no_grad():
-        if family.arch == "sdxl":
+        if family.arch == "sdxl" and opts.max_token_length:
+            # sd-scripts: every window encoded on its own, the states joined, pool2 from the first window
+            n_tok = opts.max_token_length
+            ids1 = _long_tokens(enc, "clip_l", captions, n_tok, clip_len)
+            ids2 = _long_tokens(enc, "clip_g", captions, n_tok, clip_len)
+            h1, _, _ = _clip(enc, "clip_l", ids1, None)
+            h2, _, pool2 = _clip(enc, "clip_g", ids2, None)
+            batch = len(captions)
+            out = {
+                "hidden_state1": host(_join_windows(h1, batch, clip_len)),
+                "hidden_state2": host(_join_windows(h2, batch, clip_len)),
+                "pool2": host(pool2.reshape(batch, -1, pool2.shape[-1])[:, 0]),
+            }
+        elif family.arch == "sdxl":
             ids1, _ = _tokens(enc, "clip_l", captions, clip_len)
             ids2, _ = _tokens(enc, "clip_g", captions, clip_len)
             h1, _, _ = _clip(enc, "clip_l", ids1, None)
@@ -705,6 +842,7 @@ def cache_text(
     caption_extension: str | None = None,
     batch_size: int = 8,
     t5_max_length: int | None = None,
+    max_token_length: int | None = None,
     apply_t5_attn_mask: bool = False,
     apply_lg_attn_mask: bool = False,
     skip_existing: bool = True,
@@ -725,6 +863,9 @@ def cache_text(
     :param caption_extension: caption file extension (a dataset TOML's ``caption_extension`` wins);
         ``.caption`` then ``.txt`` when neither sets one.
     :param t5_max_length: T5 token length (default 512 for FLUX dev, 256 for FLUX schnell and SD3).
+    :param max_token_length: SDXL caption tokens without BOS/EOS: ``None`` or 75 (one 77-token window),
+        150 or 225 (two or three windows, encoded and joined as sd-scripts does); a dataset TOML's
+        ``max_token_length`` may set it too (one value per run).
     :param dtype: encoder compute dtype; bfloat16 outputs are saved as float32 in the sd-scripts
         formats, as they are (``varlen_llm_embed_bfloat16``) in Z-Image's.
     :raises UsageError: bad option values, a missing encoder or tokenizer.
@@ -752,7 +893,8 @@ def cache_text(
         t5_len = t5_max_length or (256 if variant == "schnell" else family.t5_length)
     if apply_lg_attn_mask and family.arch != "sd3":
         raise UsageError("--apply-lg-attn-mask is an SD3 option")
-    opts = _Options(t5_len, apply_t5_attn_mask, apply_lg_attn_mask)
+    option_mtl = check_max_token_length(max_token_length)
+    _run_max_token_length(family, [], option_mtl, max_token_length is not None)  # fail early
     te_paths = [Path(p) for p in text_encoders]
     # Z-Image's single Qwen3 is found (and its absence reported) by its own module, after the tokenizer
     sources = {} if family.arch == "zimage" else _assign_sources(family, model_path, te_paths)
@@ -765,12 +907,18 @@ def cache_text(
                 f"{family.arch}: no tokenizer for {slot.name}",
                 hint=f"pass {_option(i)} DIR: a local folder with {slot.tokenizer_hint} (never downloaded)",
             )
-    defaults = Settings((1024, 1024), caption_extension=caption_extension or "")
+    ext = caption_extension or ""
+    # sd-scripts accepts "txt" for ".txt"
+    ext = ext if not ext or ext.startswith(".") else "." + ext
+    defaults = Settings((1024, 1024), caption_extension=ext, max_token_length=option_mtl)
     groups = _groups(
         Path(dataset) if dataset is not None else None,
         Path(dataset_config) if dataset_config is not None else None,
         defaults,
     )
+    check_cacheable(groups, "text")
+    mtl = _run_max_token_length(family, groups, option_mtl, max_token_length is not None)
+    opts = _Options(t5_len, apply_t5_attn_mask, apply_lg_attn_mask, mtl)
     if family.arch == "zimage":
         from lorasmith.ops.cache._text_zimage import cache_zimage_text
 
@@ -818,6 +966,7 @@ def cache_text(
         cache_format=family.cache_format,
         encoders={name: src.describe() for name, src in sources.items()},
         t5_max_length=t5_len,
+        max_token_length=mtl,
         apply_t5_attn_mask=apply_t5_attn_mask,
         apply_lg_attn_mask=apply_lg_attn_mask,
         images=total,
@@ -826,6 +975,43 @@ def cache_text(
         failed=sum(it.status == "failed" for it in items),
         items=items,
     )
+
+
+def _origin(groups: Sequence[ImageGroup], key: str) -> str | None:
+    """Where the dataset config set ``key`` (the first group that did), ``None`` when it did not."""
+    return next((o for g in groups if (o := g.settings.origin(key)) is not None), None)
+
+
+def _run_max_token_length(
+    family: TextFamily, groups: Sequence[ImageGroup], option: int | None, option_given: bool
+) -> int | None:
+    """The run's ``max_token_length``: the option's, or the dataset TOML's (one value for every dataset,
+    as sd-scripts takes it from the command line).
+
+    :raises UsageError: datasets that disagree, a TOML value that contradicts the option, or a long
+        caption length for a family other than SDXL.
+    """
+    values = {g.settings.max_token_length for g in groups}
+    if len(values) > 1:
+        places = sorted({o for g in groups if (o := g.settings.origin("max_token_length")) is not None})
+        raise UsageError(
+            f"max_token_length differs between datasets ({', '.join(places)})",
+            hint="sd-scripts takes one max_token_length per run: set it once, in [general]",
+        )
+    value = values.pop() if values else option
+    if option_given and value != option:
+        raise UsageError(
+            f"{_origin(groups, 'max_token_length')}: max_token_length {value or 75} contradicts "
+            f"--max-token-length {option or 75}",
+            hint="drop one of them",
+        )
+    if value is not None and family.arch != "sdxl":
+        where = _origin(groups, "max_token_length") or "--max-token-length"
+        raise UsageError(
+            f"{where}: max_token_length {value} applies to SDXL captions only, not {family.arch}",
+            hint=f"drop it: sd-scripts encodes {family.arch}'s CLIP captions in 77 tokens whatever it says",
+        )
+    return value
 
 
 def _save(path: Path, arrays: dict[str, Any]) -> None:
