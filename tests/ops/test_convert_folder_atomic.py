@@ -42,18 +42,34 @@ def _tree(folder: Path) -> dict[str, bytes]:
 
 
 def _fail_after(monkeypatch: pytest.MonkeyPatch, n: int, exc: BaseException) -> None:
-    """Make the n-th tensor write of any writer raise ``exc`` (mid-folder: later models not begun)."""
+    """Make the n-th tensor written by any writer raise ``exc`` (mid-folder: later models not begun).
+
+    A tensor is written whole (``write``) or, streamed, in parts (``write_part``, on the pipeline's
+    writer thread): its first part counts it.
+    """
     real = io_writer.SafetensorsWriter.write
+    real_part = io_writer.SafetensorsWriter.write_part
     calls = 0
 
-    def write(self: io_writer.SafetensorsWriter, name: str, tensor: object) -> None:
+    def count() -> None:
         nonlocal calls
         calls += 1
         if calls == n:
             raise exc
+
+    def write(self: io_writer.SafetensorsWriter, name: str, tensor: object) -> None:
+        count()
         real(self, name, tensor)  # type: ignore[arg-type]
 
+    def write_part(
+        self: io_writer.SafetensorsWriter, name: str, offset: int, part: object, **kwargs: bool
+    ) -> None:
+        if offset == 0:
+            count()
+        real_part(self, name, offset, part, **kwargs)  # type: ignore[arg-type]
+
     monkeypatch.setattr(io_writer.SafetensorsWriter, "write", write)
+    monkeypatch.setattr(io_writer.SafetensorsWriter, "write_part", write_part)
 
 
 @pytest.mark.parametrize("exc", [KeyboardInterrupt(), InvalidFileError("disk full")])

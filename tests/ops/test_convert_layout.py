@@ -77,3 +77,19 @@ def test_layout_errors(tmp_path: Path) -> None:
     fx = make_lora(arch, tmp_path / "l.safetensors", limit=2)
     with pytest.raises(Exception, match="spelling"):
         convert(fx.path, tmp_path / "y", to="diffusers-transformer")
+
+
+def test_an_incomplete_checkpoint_is_an_error_before_anything_is_written(tmp_path: Path) -> None:
+    """The configs need every model's structure: a missing tensor is a one-line error, not a traceback."""
+    from lorasmith.errors import InvalidFileError
+    from lorasmith.io.writer import save_file
+
+    src = tmp_path / "sd1.safetensors"
+    make_checkpoint(get("sd1"), src)
+    tensors = load_all(src)
+    missing = next(k for k in tensors if k.endswith("input_blocks.1.0.in_layers.2.weight"))
+    del tensors[missing]
+    save_file(tensors, src, overwrite=True)
+    with pytest.raises(InvalidFileError, match="incomplete"):
+        convert(src, tmp_path / "out", to="diffusers")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sd1.safetensors"]

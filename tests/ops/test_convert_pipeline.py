@@ -36,15 +36,9 @@ def _small_parts(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @contextlib.contextmanager
 def _old_path(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """While active, ``write_streaming`` ignores ``file`` (the whole-tensor path it had before)."""
-    original = convert_mod.write_streaming
-
-    def whole(*args: Any, **kwargs: Any) -> ConvertResult:
-        kwargs.pop("file", None)
-        return original(*args, **kwargs)
-
+    """While active, convert reads whole tensors (the path the pipeline replaced)."""
     with monkeypatch.context() as m:
-        m.setattr(convert_mod, "write_streaming", whole)
+        m.setattr(convert_mod, "PIPELINE", False)
         yield
 
 

@@ -289,20 +289,22 @@ def test_sharded_output_with_dtype_and_a_pickle_input(tmp_path: Path) -> None:
 def test_an_interrupted_sharded_folder_leaves_nothing(
     tmp_path: Path, sdxl: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = io_writer.SafetensorsWriter.write
+    real = io_writer.SafetensorsWriter.write_part
     calls = 0
     finished: list[Path] = []
 
-    def write(self: io_writer.SafetensorsWriter, name: str, tensor: torch.Tensor) -> None:
+    def write_part(
+        self: io_writer.SafetensorsWriter, name: str, offset: int, part: torch.Tensor, **kwargs: bool
+    ) -> None:
         nonlocal calls
-        calls += 1
-        if calls == 200:
+        calls += offset == 0  # the first part of each streamed tensor
+        if calls == 200 and offset == 0:
             # half way: shards of the first models are already finished inside the hidden folder
             finished.extend(tmp_path.glob(".out.*.tmp/*/*-of-*.safetensors"))
             raise KeyboardInterrupt
-        real(self, name, tensor)
+        real(self, name, offset, part, **kwargs)
 
-    monkeypatch.setattr(io_writer.SafetensorsWriter, "write", write)
+    monkeypatch.setattr(io_writer.SafetensorsWriter, "write_part", write_part)
     with pytest.raises(KeyboardInterrupt):
         convert(sdxl, tmp_path / "out", to="diffusers", shard_size="30KB")
     assert len(finished) > 2
@@ -379,3 +381,46 @@ def test_a_lora_with_shard_size_is_a_usage_error(tmp_path: Path) -> None:
         ],
     )
     assert res.exit_code == 2 and "LoRA" in res.stderr
+
+
+@pytest.mark.parametrize("what", ["file", "index", "folder"])
+def test_no_sharded_single_file(tmp_path: Path, what: str) -> None:
+    """A single-file output is never sharded (its loaders read one file): a usage error saying so, from a
+    single file, a shard index or a diffusers folder, with nothing written."""
+    src = tmp_path / "zimage.safetensors"
+    make_checkpoint(get("zimage"), src)
+    given = src
+    if what != "file":
+        folder = tmp_path / "pipe"
+        convert(src, folder, to="diffusers", shard_size="100KB")
+        given = (
+            folder
+            if what == "folder"
+            else folder / "transformer" / index_file_name("diffusion_pytorch_model.safetensors")
+        )
+        assert given.exists()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(UsageError, match="single-file output is written as one file") as info:
+        convert(given, tmp_path / "one.safetensors", to="single", shard_size="100KB")
+    assert info.value.hint is not None and "from_single_file" in info.value.hint
+    assert "--to diffusers --shard-size" in info.value.hint
+    res = CliRunner().invoke(
+        app,
+        [
+            "convert",
+            str(given),
+            "--to",
+            "single",
+            "--shard-size",
+            "1GB",
+            "-o",
+            str(tmp_path / "o.safetensors"),
+        ],
+    )
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert [line for line in res.stderr.splitlines() if line.startswith(("error:", "hint:"))] == [
+        "error: --shard-size applies to --to diffusers: a single-file output is written as one file",
+        "hint: ComfyUI, A1111/Forge and from_single_file load no shards; drop --shard-size, or write a "
+        "diffusers folder with --to diffusers --shard-size SIZE",
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -1,5 +1,5 @@
 """``lorasmith convert``: LoRA spellings (rename, fuse, split), dtypes, pickles to safetensors, checkpoint
-layouts (single file <-> diffusers folder, optionally sharded)."""
+layouts (single file <-> diffusers folder, optionally sharded), diffusers folders resharded or recast."""
 
 from __future__ import annotations
 
@@ -39,6 +39,8 @@ def render(console: Console, r: ConvertResult) -> None:
     if any(n > 1 for n in r.shards.values()):
         sharded = ", ".join(f"{sub} {n}" for sub, n in r.shards.items() if n > 1)
         console.print(f"  shards: {sharded}", markup=False)
+    if r.copied:
+        console.print(f"  copied {r.copied} other file(s) unchanged", markup=False)
     if r.kind == "lora":
         console.print(f"  spelling {r.from_spelling} -> {r.to_spelling}", markup=False)
         counts = ", ".join(f"{n} {mode}" for mode, n in sorted(r.counts.items()))
@@ -61,6 +63,41 @@ def render(console: Console, r: ConvertResult) -> None:
             console.print(f"    dropped {d}", markup=False)
     for w in r.warnings:
         console.print(f"  warning: {w}", markup=False)
+
+
+def _check_to_with_parts(to: str | None, *, splitting: bool) -> None:
+    """``--to`` with ``--assemble``/``--split``: honoured where it names what they write, else a usage error.
+
+    ``--assemble`` writes one single-file checkpoint in the family's layout, so ``--to single`` (and its
+    synonyms ``original``, ``bfl``) and ``keep`` are what it does anyway. ``--split`` writes each part as
+    its separate distribution keys it: only ``keep`` fits. Anything else would be silently ignored.
+
+    :raises UsageError: any other ``--to`` (a diffusers folder, a LoRA spelling, an unknown word).
+    """
+    if to is None:
+        return
+    from lorasmith.errors import UsageError
+    from lorasmith.ops.layouts import LAYOUT_WORDS
+
+    word = to.strip().lower()
+    layout = LAYOUT_WORDS.get(word)
+    if word == "keep" or (layout == "single" and not splitting):
+        return
+    if splitting:
+        raise UsageError(
+            f"--to {to} does not apply to --split, which writes each part as its separate file",
+            hint="drop --to; to change the checkpoint's layout, convert it without --split "
+            "(lorasmith convert CKPT --to diffusers -o FOLDER)",
+        )
+    if layout == "diffusers":
+        raise UsageError(
+            "--to diffusers does not apply to --assemble, which writes one single-file checkpoint",
+            hint="assemble into a file first, then: lorasmith convert FILE --to diffusers -o FOLDER",
+        )
+    raise UsageError(
+        f"--to {to} does not apply to --assemble, which writes one single-file checkpoint",
+        hint="drop --to (or give --to single); LoRA spellings are for converting LoRAs",
+    )
 
 
 @guarded
@@ -98,7 +135,8 @@ def command(
         typer.Option(
             "--shard-size",
             help="--to diffusers: largest weights file per model, e.g. 5GB, 500MB, 10GiB (GB = 10^9 bytes); "
-            "larger models are written as shards with an index. Default: one file per model.",
+            "larger models are written as shards with an index. Default: one file per model (a folder "
+            "input keeps its shards). Not for single-file outputs.",
         ),
     ] = None,
     lossy: Annotated[
@@ -138,7 +176,8 @@ def command(
     quiet: QuietOpt = False,
 ) -> None:
     """Convert a LoRA between spellings, change dtypes, turn a pickle into safetensors, or change a
-    checkpoint's layout (--to diffusers [--shard-size 5GB], --to single)."""
+    checkpoint's layout (--to diffusers [--shard-size 5GB], --to single); a diffusers folder with --to
+    diffusers and --dtype/--shard-size is recast/resharded into another folder."""
     global _VERBOSE
     from lorasmith.ops.convert import convert
 
@@ -160,6 +199,8 @@ def command(
             raise UsageError(
                 "--shard-size applies to --to diffusers, not to --assemble/--split", hint="drop --shard-size"
             )
+        if not (assemble and split is not None):  # both: run_convert says they cannot be combined
+            _check_to_with_parts(to, splitting=split is not None)
 
         with (
             write_checks(allow_nonfinite=allow_nonfinite, verify=verify),

@@ -34,7 +34,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
     from lorasmith.io.reader import TensorFile
     from lorasmith.io.writer import SafetensorsWriter
+    from lorasmith.ops._convert_dtype import Piece
 
 __all__ = [
     "WEIGHT_STEMS",
@@ -56,9 +57,11 @@ __all__ = [
     "ModelWriteResult",
     "find_weights",
     "index_file_name",
+    "is_weights_name",
     "open_weights",
     "parse_shard_size",
     "plan_shards",
+    "safetensors_name",
     "shard_file_name",
     "write_json",
 ]
@@ -113,6 +116,29 @@ def find_weights(folder: Path) -> tuple[Path, Kind] | None:
         if (folder / name).is_file():
             return folder / name, kind
     return None  # pragma: no cover - a shard name matched, but no file of the variant's forms exists
+
+
+#: any weights file ``save_pretrained`` writes, in any form and variant: ``model.safetensors``,
+#: ``diffusion_pytorch_model.fp16.safetensors``, ``model-00001-of-00002.safetensors``,
+#: ``model-00001-of-00002.fp16.safetensors``, ``pytorch_model.bin``, ``model.safetensors.index.fp16.json``...
+_ANY_WEIGHTS = re.compile(
+    r"^(?:diffusion_pytorch_model|model|pytorch_model)"
+    r"(?:(?:[.-][^/\\]*)?\.(?:safetensors|bin)|\.(?:safetensors|bin)\.index(?:\.[A-Za-z0-9_]+)?\.json)$"
+)
+
+
+def is_weights_name(name: str) -> bool:
+    """Whether ``name`` is a weights file (or shard index) of a diffusers/transformers model, in any form
+    or variant (not ``model_index.json``, configs or tokenizer files)."""
+    return _ANY_WEIGHTS.match(name) is not None
+
+
+def safetensors_name(weights: Path) -> str:
+    """The unsharded safetensors file ``save_pretrained`` writes for the model whose weights are named by
+    ``weights`` (a file or an index, any form or variant): ``diffusion_pytorch_model.safetensors`` for a
+    diffusers model, ``model.safetensors`` for a transformers one (``pytorch_model.bin``'s)."""
+    stem = re.split(r"[.-]", weights.name, maxsplit=1)[0]
+    return f"{'diffusion_pytorch_model' if stem == 'diffusion_pytorch_model' else 'model'}.safetensors"
 
 
 #: suffixes of the pickle files :func:`open_weights` reads (through the safe loader).
@@ -197,12 +223,32 @@ class ModelWeights:
         if self.kind.startswith("pickle"):
             tensors = self._pickle_shard(path)
             return tensors[name].contiguous().clone()
+        return self._file(path).get(name)
+
+    def _file(self, path: Path) -> TensorFile:
         from lorasmith.io.reader import open_tensors
 
         tf = self._open.get(path)
         if tf is None:
             tf = self._open[path] = open_tensors(path)
-        return tf.get(name)
+        return tf
+
+    @property
+    def streamable(self) -> bool:
+        """Whether the weights are safetensors (one file or shards), which can be read part by part."""
+        return self.kind in ("safetensors", "safetensors-shards")
+
+    def piece(self, name: str) -> Piece:
+        """Every element of tensor ``name`` in its safetensors file (opened now, kept open until
+        :meth:`close`), for :func:`~lorasmith.ops._convert_dtype.cast_stream`.
+
+        :raises ValueError: pickle weights (:attr:`streamable` is false).
+        """
+        from lorasmith.ops._convert_dtype import whole_piece
+
+        if not self.streamable:
+            raise ValueError(f"{self.path}: pickle weights are not read part by part")
+        return whole_piece(self._file(self.file_of(name)), name)
 
     def _pickle_shard(self, path: Path) -> dict[str, torch.Tensor]:
         # one pickle shard at a time: the previous one is released before the next is loaded
@@ -450,6 +496,8 @@ class ModelWeightsWriter:
     :param plan: tensor name -> ``(safetensors dtype, shape)``, in the order the shards are filled.
     :param metadata: safetensors metadata of every file (hashes are added per file by the writer).
     :param max_shard_size: the largest shard in bytes (see :func:`parse_shard_size`); ``None``: one file.
+    :param groups: the tensors of each shard, in order, instead of ``max_shard_size`` (to keep the
+        sharding of the weights a model is converted from); one group is one unsharded file.
     :ivar files: the weights files that will be written, in order.
     """
 
@@ -461,13 +509,21 @@ class ModelWeightsWriter:
         plan: Mapping[str, tuple[str, Sequence[int]]],
         metadata: Mapping[str, str] | None = None,
         max_shard_size: int | None = None,
+        groups: Sequence[Sequence[str]] | None = None,
     ) -> None:
         self.folder = folder
         self.name = name
         self._metadata = dict(metadata) if metadata is not None else None
         sizes = [(k, _tensor_bytes(dtype, shape)) for k, (dtype, shape) in plan.items()]
         self.total_size = sum(n for _, n in sizes)
-        groups = plan_shards(sizes, max_shard_size) if max_shard_size is not None else [list(plan)]
+        if groups is not None:
+            groups = [list(g) for g in groups if g]
+            if sorted(k for g in groups for k in g) != sorted(plan):
+                raise ValueError(f"{folder / name}: the shard groups do not hold every planned tensor once")
+        elif max_shard_size is not None:
+            groups = plan_shards(sizes, max_shard_size)
+        else:
+            groups = [list(plan)]
         if len(groups) <= 1:
             groups = [list(plan)]
             self.files = [folder / name]
@@ -511,6 +567,18 @@ class ModelWeightsWriter:
         self._writer(i).write(name, tensor)
         self._left[i].discard(name)
         if not self._left[i]:
+            self._finish(i)
+
+    def stream(self, fill: Callable[[SafetensorsWriter], None]) -> None:
+        """Write every file not yet finished, one after the other, by handing its planned writer to
+        ``fill``, which writes all of that file's planned tensors (e.g. through
+        :func:`~lorasmith.ops._convert_dtype.cast_stream`); each file is finished as ``fill`` returns.
+        """
+        for i in range(len(self.files)):
+            if i in self._finished:
+                continue
+            fill(self._writer(i))
+            self._left[i].clear()
             self._finish(i)
 
     def close(self) -> ModelWriteResult:

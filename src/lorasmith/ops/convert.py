@@ -15,7 +15,13 @@
   or shard indexes with ``to="single"``: the layout is changed (:mod:`lorasmith.ops.layouts`; FLUX.1,
   SD1/SD2, SDXL, SD3/SD3.5, Z-Image), dtypes are cast per component on the way, and ``shard_size``
   writes each model of the folder as ``save_pretrained`` shards with an index
-  (:class:`~lorasmith.ops._diffusers_weights.ModelWeightsWriter`).
+  (:class:`~lorasmith.ops._diffusers_weights.ModelWeightsWriter`);
+- a **diffusers folder** with ``to="diffusers"`` and a dtype and/or ``shard_size``: recast and/or
+  resharded into another folder, every other file copied unchanged.
+
+Whatever is stored in safetensors files (one file, shards, the models of a folder) is streamed part by
+part through :func:`~lorasmith.ops._convert_dtype.cast_stream` (:data:`PIPELINE`); pickles are read a
+whole tensor at a time.
 
 Every input kind meets every ``to`` value with a result or a one-line error (``docs/convert.md`` has
 the table; ``tests/ops/test_convert_matrix.py`` runs it).
@@ -26,17 +32,18 @@ and a ``lorasmith_convert`` record of what was done.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, Field
 
 from lorasmith.errors import InvalidFileError, LorasmithError, UsageError
-from lorasmith.ops._convert_dtype import CastStats, cast_into, cast_tensor, parse_dtype
+from lorasmith.ops._convert_dtype import CastStats, Recipe, cast_stream, cast_tensor, parse_dtype, whole_piece
 from lorasmith.ops.layouts import LAYOUT_WORDS
 from lorasmith.progress import ProgressCallback, ProgressEvent, noop
 
@@ -45,7 +52,7 @@ if TYPE_CHECKING:
 
     from lorasmith.archs.base import Architecture, KeyView
     from lorasmith.io.reader import TensorFile
-    from lorasmith.io.writer import NonFiniteTensor, SafetensorsWriter
+    from lorasmith.io.writer import SafetensorsWriter
     from lorasmith.ops._diffusers_weights import ModelWeights
     from lorasmith.ops.loralib import Unit
 
@@ -53,6 +60,11 @@ __all__ = ["CastReport", "ConvertResult", "ModuleReport", "convert"]
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 RECORD_KEY = "lorasmith_convert"
+
+#: Stream tensors stored in safetensors files (one file, shards, the models of a diffusers folder) part by
+#: part through :func:`~lorasmith.ops._convert_dtype.cast_stream`. ``False`` reads whole tensors instead:
+#: the byte-identical reference the tests and ``benchmarks/bench_convert.py --before`` compare with.
+PIPELINE = True
 
 #: component names of the families' inventories, grouped by the ``--*-dtype`` option that sets them.
 UNET_COMPONENTS = frozenset({"unet", "transformer", "mmdit", "diffusion_model"})
@@ -107,7 +119,10 @@ class ConvertResult(BaseModel):
     :ivar file_bytes: size of the output.
     :ivar sshs_model_hash: the output's recomputed hash (of the main model's weights file for a folder;
         ``None`` when those are sharded).
-    :ivar shards: for a diffusers folder output, subfolder -> number of weights files (1: unsharded).
+    :ivar shards: for a diffusers folder output, subfolder -> number of weights files (1: unsharded;
+        ``.`` for weights at the top of the folder).
+    :ivar copied: files of an input diffusers folder copied unchanged into the output folder (configs,
+        tokenizers, scheduler...), when a folder is resharded or recast.
     :ivar warnings: things the user should know.
     """
 
@@ -128,6 +143,7 @@ class ConvertResult(BaseModel):
     file_bytes: int = 0
     sshs_model_hash: str | None = None
     shards: dict[str, int] = Field(default_factory=dict)
+    copied: int = 0
     warnings: list[str] = Field(default_factory=list)
 
 
@@ -166,7 +182,7 @@ def convert(
 
     :param input: a ``.safetensors`` LoRA or checkpoint, a pickle (``.ckpt``/``.pt``/``.pth``/``.bin``),
         a shard index (``*.safetensors.index.json``, ``*.bin.index.json``) or a diffusers folder.
-    :param output: the ``.safetensors`` file to write (a folder for ``to="diffusers"`` on a checkpoint).
+    :param output: the ``.safetensors`` file to write (a folder for ``to="diffusers"``).
     :param to: LoRA target spelling (``comfy``, ``kohya``, ``peft``/``diffusers``, ``aitk``, ``musubi``,
         ``onetrainer``, ``lycoris``, ``comfy-keys``, ``keep``...). Default for a LoRA: ``comfy`` (the
         family's ComfyUI-loadable default spelling), or ``keep`` when only a dtype is asked for. On a
@@ -179,10 +195,11 @@ def convert(
         that meets it).
     :param lossy_rank: the largest rank of a lossy module.
     :param arch: force the family instead of detecting it.
-    :param shard_size: with ``to="diffusers"`` on a checkpoint, the largest weights file of each model
-        (bytes, or ``"5GB"``, ``"500MB"``, ``"10GiB"``...; see
+    :param shard_size: with ``to="diffusers"`` (a checkpoint or a diffusers folder), the largest weights
+        file of each model (bytes, or ``"5GB"``, ``"500MB"``, ``"10GiB"``...; see
         :func:`~lorasmith.ops._diffusers_weights.parse_shard_size`): larger models are written as
-        ``save_pretrained`` shards with an index. Default: one file per model.
+        ``save_pretrained`` shards with an index. Default: one file per model (a folder input keeps its
+        shards). A single-file output is never sharded (its loaders read one file): a :class:`UsageError`.
     :raises LorasmithError: see the ops this dispatches to; bad option values are :class:`UsageError`.
     """
     prog = progress or noop
@@ -211,9 +228,13 @@ def convert(
 
         shard = parse_shard_size(shard_size)
         if layout != "diffusers":
+            # Why no sharded single file: its loaders (ComfyUI, A1111/Forge, diffusers' from_single_file)
+            # read one file, and the loaders that join shards through an index (from_pretrained) need the
+            # diffusers layout and configs: a folder is the sharded form of a checkpoint.
             raise UsageError(
-                "--shard-size applies to --to diffusers (a checkpoint written as a diffusers folder)",
-                hint="drop --shard-size, or add --to diffusers",
+                "--shard-size applies to --to diffusers: a single-file output is written as one file",
+                hint="ComfyUI, A1111/Forge and from_single_file load no shards; drop --shard-size, or write "
+                "a diffusers folder with --to diffusers --shard-size SIZE",
             )
     if src.is_dir():
         if layout is not None:
@@ -336,7 +357,13 @@ def _convert_layout(
     from lorasmith.registry import get_registry
 
     if src.is_dir() and word == "diffusers":
-        raise UsageError(f"{src}: already a diffusers folder", hint="use --to single to write it as one file")
+        if shard is None and all(v is None for v in dtypes.values()):
+            raise UsageError(
+                f"{src}: already a diffusers folder",
+                hint="give --dtype or --shard-size to recast or reshard it into another folder, "
+                "or use --to single to write it as one file",
+            )
+        return _reshard_folder(src, output, dtypes, arch, shard, overwrite, progress)
     _refuse_lone_shard(src)
     if word == "diffusers":
         from lorasmith.ops.layouts import check_folder_output
@@ -456,9 +483,19 @@ def _join_shards(
         overwrite=overwrite,
         progress=progress,
         inputs=weights.files,
+        recipes=_weights_recipes(weights, keys),
+        input_bytes=_files_bytes(weights.files),
     )
     result.to_spelling = "single"
     return result
+
+
+def _weights_recipes(weights: ModelWeights, keys: Iterable[str]) -> dict[str, Recipe] | None:
+    """Each tensor of ``weights`` whole, for :func:`~lorasmith.ops._convert_dtype.cast_stream`; ``None``
+    for pickles (read whole, one tensor at a time) or when the pipeline is off."""
+    if not (weights.streamable and PIPELINE):
+        return None
+    return {k: Recipe((weights.piece(k),)) for k in keys}
 
 
 def _to_single(
@@ -502,6 +539,8 @@ def _to_single(
             overwrite=overwrite,
             progress=progress,
             inputs=source.paths,
+            recipes=source.recipes() if source.streamable and PIPELINE else None,
+            input_bytes=_files_bytes(source.paths),
         )
     canonical = family.canonical_inventory(variant)
     missing = [k for k in canonical.tensors if k not in source.specs and k not in canonical.optional]
@@ -541,6 +580,7 @@ def _to_diffusers(
         default_subfolder,
         diffusers_inventory,
         layout_parts,
+        layout_recipes,
         plan_folder,
         split_layout_key,
         to_layout,
@@ -576,17 +616,38 @@ def _to_diffusers(
         if k not in ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256", RECORD_KEY)
     }
     main_meta[RECORD_KEY] = record_json
-    total = len(keys)
-    done = 0
+    # the configs come from the planned shapes alone: made first, so that an incomplete checkpoint fails
+    # before anything is written
+    shapes = {sub: {k: s for k, (_, s) in plan.items()} for sub, plan in plans.items()}
+    config_dtypes = {sub: _first_float(plan) for sub, plan in plans.items() if plan}
+    try:
+        configs = folder_configs(family.id, variant, shapes, config_dtypes)
+    except KeyError as exc:
+        raise InvalidFileError(
+            f"{src}: an incomplete {family.name} checkpoint: {exc.args[0]!r} is missing "
+            "(the diffusers configs are read from the shapes of every model's tensors)",
+            hint="give the complete single-file checkpoint",
+        ) from None
     file_bytes = 0
     main_hash: str | None = None
     shards: dict[str, int] = {}
     stats = CastStats()
+    # progress per output tensor (a fused tensor's parts each count), streamed or not
+    tick = _ticker(progress, sum(len(p) for p in plans.values()) + len(extras))
+    streamed = weights.streamable and PIPELINE
+    memory = 0
+    if streamed:
+        from lorasmith.io.pipeline import memory_budget
+
+        memory = memory_budget(_files_bytes(weights.files))
 
     def read(key: str) -> torch.Tensor:
         t, cs = cast_tensor(weights.get(key), specs[key][0] if specs[key][0] != stored[key][0] else None)
         stats.add(cs)
         return t
+
+    def fill(recipes: Mapping[str, Recipe]) -> Callable[[SafetensorsWriter], None]:
+        return lambda writer: cast_stream(writer, recipes, stats, memory=memory, on_tensor=tick)
 
     # built under a hidden name and renamed into place; any exit before that removes it (TempFolder)
     with TempFolder(output) as folder:
@@ -597,17 +658,24 @@ def _to_diffusers(
             with ModelWeightsWriter(
                 tmp / sub, weights_file_name(sub), plan=plan, metadata=meta, max_shard_size=shard
             ) as w:
-                for key in order[sub]:
-                    entry = mapping[key]
-                    t = to_layout(read(key), entry)
-                    start = 0
-                    for part, rows in layout_parts(entry, t.shape[entry.dim]):
-                        w.write(
-                            split_layout_key(part, default)[1], t.narrow(entry.dim, start, rows).contiguous()
-                        )
-                        start += rows
-                    done += 1
-                    progress(ProgressEvent("writing", done, total, key))
+                if streamed:
+                    # each layout tensor is a few element ranges of its canonical tensor: streamed in parts
+                    recipes: dict[str, Recipe] = {}
+                    for key in order[sub]:
+                        for part, recipe in layout_recipes(mapping[key], weights.piece(key), stored[key][1]):
+                            recipes[split_layout_key(part, default)[1]] = recipe
+                    w.stream(fill(recipes))
+                else:
+                    for key in order[sub]:
+                        entry = mapping[key]
+                        t = to_layout(read(key), entry)
+                        start = 0
+                        for part, rows in layout_parts(entry, t.shape[entry.dim]):
+                            name = split_layout_key(part, default)[1]
+                            w.write(name, t.narrow(entry.dim, start, rows).contiguous())
+                            start += rows
+                            tick(name)
+                        del t
                 written = w.close()
             file_bytes += written.file_bytes
             shards[sub] = len(written.files)
@@ -618,14 +686,14 @@ def _to_diffusers(
 
             plan = {k: specs[k] for k in extras}
             with SafetensorsWriter(tmp / EXTRAS_NAME, metadata={RECORD_KEY: record_json}, plan=plan) as ew:
-                for key in extras:
-                    ew.write(key, read(key))
-                    done += 1
-                    progress(ProgressEvent("writing", done, total, key))
+                if streamed:
+                    fill({k: Recipe((weights.piece(k),)) for k in extras})(ew)
+                else:
+                    for key in extras:
+                        ew.write(key, read(key))
+                        tick(key)
                 file_bytes += ew.close().file_bytes
-        shapes = {sub: {k: s for k, (_, s) in plan.items()} for sub, plan in plans.items()}
-        config_dtypes = {sub: _first_float(plan) for sub, plan in plans.items() if plan}
-        for rel, cfg in folder_configs(family.id, variant, shapes, config_dtypes).items():
+        for rel, cfg in configs.items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             write_json(tmp / rel, cfg)
         folder.commit()
@@ -647,6 +715,312 @@ def _to_diffusers(
         shards=shards,
         warnings=_folder_warnings(family.id, plans, extras, EXTRAS_NAME),
     )
+
+
+# ------------------------------------------------------------------------------- folder -> folder
+def _model_component(name: str) -> str | None:
+    """The ``--*-dtype`` group of a diffusers model by its subfolder name (``None``: ``--dtype`` only)."""
+    if name in UNET_COMPONENTS:
+        return "unet"
+    if name.startswith("text_encoder"):
+        return "te"
+    return "vae" if name in VAE_COMPONENTS else None
+
+
+def _folder_family(
+    models: Mapping[str, ModelWeights], arch: str | None
+) -> tuple[Architecture | None, str | None, str | None]:
+    """``(family, variant, layout)`` of a diffusers folder from its main model; ``None``\\ s when unknown
+    (a folder of another model type is resharded and recast all the same). A given ``arch`` must fit."""
+    from lorasmith.errors import DetectionError
+    from lorasmith.ops.layouts import MAIN_SUBFOLDERS
+    from lorasmith.registry import get_registry
+
+    main = next((models[s] for s in (*MAIN_SUBFOLDERS, ".") if s in models), None)
+    if main is None:
+        return None, None, None
+    reg = get_registry()
+    try:
+        det = reg.detect(main.header, arch=arch, source=str(main.path))
+    except DetectionError:
+        if arch is not None:
+            raise
+        return None, None, None
+    if det.kind != "checkpoint":
+        raise InvalidFileError(
+            f"{main.path}: this is a LoRA, not a checkpoint", hint="give a diffusers folder"
+        )
+    return reg.get(det.arch), det.variant, det.layout
+
+
+def _reshard_folder(
+    src: Path,
+    output: Path,
+    dtypes: Mapping[str, str | None],
+    arch: str | None,
+    shard: int | None,
+    overwrite: bool,
+    progress: ProgressCallback,
+) -> ConvertResult:
+    """Write diffusers folder ``src`` as folder ``output``: each model's weights recast and/or resharded,
+    every other file copied unchanged (``docs/convert.md``, "Resharding or recasting a diffusers folder").
+
+    The models are the folder itself and its immediate subfolders that hold weights (in any form
+    :func:`~lorasmith.ops._diffusers_weights.find_weights` reads). Each is written as safetensors under
+    ``save_pretrained``'s name for its kind, in shards of at most ``shard`` bytes, or, without ``shard``,
+    in the same shards as the input (a model in one file stays one file). ``lorasmith_extras.safetensors``
+    is recast like a model. Everything is written inside a :class:`~lorasmith.ops.layouts.TempFolder`, so
+    the output appears whole or not at all.
+    """
+    from lorasmith.ops._diffusers_weights import find_weights, open_weights
+    from lorasmith.ops.layouts import EXTRAS_NAME, check_folder_output
+
+    check_folder_output(output, overwrite, src)
+    models: dict[str, ModelWeights] = {}
+    extras: TensorFile | None = None
+    try:
+        for folder in [src, *sorted(p for p in src.iterdir() if p.is_dir())]:
+            found = find_weights(folder)
+            if found is not None:
+                models["." if folder == src else folder.name] = open_weights(*found)
+        if (src / EXTRAS_NAME).is_file():
+            from lorasmith.io.reader import open_tensors
+
+            extras = open_tensors(src / EXTRAS_NAME)
+        if not models:
+            raise InvalidFileError(
+                f"{src}: no model weights in this folder",
+                hint="give a diffusers folder (a subfolder per model) or one model's folder",
+            )
+        family, variant, layout = _folder_family(models, arch)
+        return _write_resharded(
+            src,
+            output,
+            models,
+            extras,
+            (family, variant, layout),
+            dtypes,
+            shard,
+            progress,
+        )
+    finally:
+        for w in models.values():
+            w.close()
+        if extras is not None:
+            extras.close()
+
+
+def _write_resharded(
+    src: Path,
+    output: Path,
+    models: Mapping[str, ModelWeights],
+    extras: TensorFile | None,
+    detected: tuple[Architecture | None, str | None, str | None],
+    dtypes: Mapping[str, str | None],
+    shard: int | None,
+    progress: ProgressCallback,
+) -> ConvertResult:
+    """The body of :func:`_reshard_folder`, with the models (subfolder, ``.`` for the folder itself) open."""
+    from lorasmith.io.pipeline import memory_budget
+    from lorasmith.io.writer import SafetensorsWriter
+    from lorasmith.ops._diffusers_weights import ModelWeightsWriter, safetensors_name
+    from lorasmith.ops.layouts import EXTRAS_NAME, MAIN_SUBFOLDERS, TempFolder
+
+    family, variant, layout = detected
+    record: dict[str, object] = {"layout": layout or "diffusers"}
+    if _dtype_record(dtypes):
+        record["dtype"] = _dtype_record(dtypes)
+    if shard is not None:
+        record["shard_size"] = shard
+    record_json = json.dumps(record, separators=(",", ":"), sort_keys=True)
+    stale = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256", RECORD_KEY)
+    stats = CastStats()
+    counts: dict[str, int] = {}
+    untouched = 0
+    files = [p for w in models.values() for p in w.files] + ([extras.path] if extras is not None else [])
+    memory = memory_budget(_files_bytes(files))
+    total = sum(len(w.tensors) for w in models.values()) + (len(extras) if extras is not None else 0)
+    tick = _ticker(progress, total)
+    main = next((s for s in (*MAIN_SUBFOLDERS, ".") if s in models), None)
+    file_bytes = 0
+    main_hash: str | None = None
+    shards: dict[str, int] = {}
+
+    def plan_of(
+        keys: list[str], specs: Mapping[str, tuple[str, tuple[int, ...]]], comps: Mapping[str, str | None]
+    ) -> dict[str, tuple[str, tuple[int, ...]]]:
+        nonlocal untouched
+        targets = component_dtypes(keys, dtypes, comps)
+        plan = {k: (_cast_target(specs[k][0], targets.get(k)), specs[k][1]) for k in keys}
+        for k in keys:
+            counts[plan[k][0]] = counts.get(plan[k][0], 0) + 1
+            untouched += plan[k][0] == specs[k][0]
+        return plan
+
+    def whole(
+        get: Callable[[str], torch.Tensor], plan: Mapping[str, tuple[str, tuple[int, ...]]]
+    ) -> Callable[[str], torch.Tensor]:
+        def read(key: str) -> torch.Tensor:
+            t = get(key)
+            new, cs = cast_tensor(t, plan[key][0] if plan[key][0] != _st_dtype(t) else None)
+            stats.add(cs)
+            return new
+
+        return read
+
+    with TempFolder(output) as folder:
+        tmp = folder.path
+        for sub, weights in models.items():
+            keys = weights.order()  # storage order: shard by shard, as save_pretrained filled them
+            specs = {k: (weights.tensors[k].dtype, tuple(weights.tensors[k].shape)) for k in keys}
+            comp = _model_component(src.name if sub == "." else sub)
+            plan = plan_of(keys, specs, dict.fromkeys(keys, comp))
+            groups = None
+            if shard is None and weights.kind.endswith("shards"):
+                by_file: dict[Path, list[str]] = {}
+                for k in keys:
+                    by_file.setdefault(weights.file_of(k), []).append(k)
+                groups = list(by_file.values())
+            meta = {k: v for k, v in weights.metadata.items() if k not in stale}
+            meta[RECORD_KEY] = record_json
+            target = tmp if sub == "." else tmp / sub
+            target.mkdir(exist_ok=True)
+            with ModelWeightsWriter(
+                target,
+                safetensors_name(weights.path),
+                plan=plan,
+                metadata=meta,
+                max_shard_size=shard,
+                groups=groups,
+            ) as w:
+                if weights.streamable and PIPELINE:
+                    recipes = {k: Recipe((weights.piece(k),)) for k in keys}
+
+                    def fill(writer: SafetensorsWriter, recipes: Mapping[str, Recipe] = recipes) -> None:
+                        cast_stream(writer, recipes, stats, memory=memory, on_tensor=tick)
+
+                    w.stream(fill)
+                else:
+                    read = whole(weights.get, plan)
+                    for k in keys:  # storage order: each pickle shard is loaded once
+                        w.write(k, read(k))
+                        tick(k)
+                written = w.close()
+            file_bytes += written.file_bytes
+            shards[sub] = len(written.files)
+            if sub == main:
+                main_hash = written.sshs_model_hash
+        if extras is not None:
+            keys = list(extras.keys())
+            specs = {k: (extras.info(k).dtype, tuple(extras.info(k).shape)) for k in keys}
+            comps = _components(family, variant, keys) if family is not None else dict.fromkeys(keys)
+            plan = plan_of(keys, specs, comps)
+            meta = {k: v for k, v in extras.metadata.items() if k not in stale}
+            meta[RECORD_KEY] = record_json
+            with SafetensorsWriter(tmp / EXTRAS_NAME, metadata=meta, plan=plan) as ew:
+                if PIPELINE:
+                    recipes = {k: Recipe((whole_piece(extras, k),)) for k in keys}
+                    cast_stream(ew, recipes, stats, memory=memory, on_tensor=tick)
+                else:
+                    read = whole(extras.get, plan)
+                    for k in keys:
+                        ew.write(k, read(k))
+                        tick(k)
+                file_bytes += ew.close().file_bytes
+        copied, warnings = _copy_other_files(src, tmp, models, progress)
+        folder.commit()
+    return ConvertResult(
+        kind="checkpoint",
+        input=str(src),
+        output=str(output),
+        arch=family.id if family is not None else None,
+        variant=variant,
+        to_spelling=layout or "diffusers",
+        tensors=total,
+        dtypes=dict(sorted(counts.items())),
+        cast=_report(stats, untouched),
+        file_bytes=file_bytes,
+        sshs_model_hash=main_hash,
+        shards=shards,
+        copied=copied,
+        warnings=warnings,
+    )
+
+
+def _st_dtype(t: torch.Tensor) -> str:
+    from lorasmith.io.dtypes import safetensors_dtype
+
+    return safetensors_dtype(t.dtype)
+
+
+def _copy_other_files(
+    src: Path, dst: Path, models: Mapping[str, ModelWeights], progress: ProgressCallback
+) -> tuple[int, list[str]]:
+    """Copy every file of folder ``src`` into ``dst`` but the models' weights; ``(files copied, warnings)``.
+
+    Links are followed (a Hugging Face cache snapshot is links into its blob store): their content is
+    copied, with the mode and times of what they point to. Weights files of a model that were not read (a
+    variant beside the untagged weights) are left out, with a warning. A broken link is an error; anything
+    that is no file (a pipe, a socket) is left out with a warning.
+    """
+    import shutil
+    import stat
+
+    from lorasmith.ops._diffusers_weights import is_weights_name
+    from lorasmith.ops.layouts import EXTRAS_NAME
+
+    read = {p.resolve() for w in models.values() for p in w.files}
+    model_dirs = {(src if sub == "." else src / sub).resolve() for sub in models}
+    todo: list[tuple[Path, Path]] = []
+    left_out: list[str] = []
+    odd: list[str] = []
+    seen: set[Path] = set()
+    for root, dirs, names in os.walk(src, followlinks=True):
+        here = Path(root)
+        real = here.resolve()
+        if real in seen:  # a folder link back up the tree: copied once
+            dirs[:] = []
+            continue
+        seen.add(real)
+        rel = here.relative_to(src)
+        (dst / rel).mkdir(exist_ok=True)
+        for name in sorted(names):
+            path = here / name
+            if path.resolve() in read or (rel == Path(".") and name == EXTRAS_NAME):
+                continue
+            if real in model_dirs and is_weights_name(name):
+                left_out.append((rel / name).as_posix())
+                continue
+            try:
+                mode = os.stat(path).st_mode
+            except OSError as exc:
+                raise InvalidFileError(
+                    f"{path}: cannot be read ({exc.strerror or exc})",
+                    hint="a broken link is an incomplete download: download the folder again",
+                ) from None
+            if not stat.S_ISREG(mode):
+                odd.append((rel / name).as_posix())
+                continue
+            todo.append((path, dst / rel / name))
+    for i, (a, b) in enumerate(todo):
+        try:
+            shutil.copy2(a, b)
+        except OSError as exc:
+            raise InvalidFileError(
+                f"{a}: cannot be copied ({exc.strerror or exc})", hint="check the file and free disk space"
+            ) from None
+        progress(ProgressEvent("copying", i + 1, len(todo), b.relative_to(dst).as_posix()))
+    warnings = []
+    if left_out:
+        warnings.append(
+            f"{len(left_out)} weights file(s) of another variant not copied, e.g. {left_out[0]} "
+            "(only the weights that were read are written)"
+        )
+    if odd:
+        warnings.append(
+            f"{len(odd)} entr{'y' if len(odd) == 1 else 'ies'} that are no files not copied, e.g. {odd[0]}"
+        )
+    return len(todo), warnings
 
 
 _FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
@@ -919,7 +1293,8 @@ def convert_checkpoint_dtype(
             keys=keys,
             specs={k: (header.tensors[k].dtype, tuple(header.tensors[k].shape)) for k in keys},
             get=tf.get,
-            file=tf,
+            recipes={k: Recipe((whole_piece(tf, k),)) for k in keys},
+            input_bytes=header.file_size,
             targets=targets,
             metadata=dict(header.metadata),
             record={"dtype": {k: v for k, v in dtypes.items() if v is not None}},
@@ -946,14 +1321,17 @@ def write_streaming(
     progress: ProgressCallback,
     dropped: list[str] | None = None,
     inputs: Iterable[Path] | None = None,
-    file: TensorFile | None = None,
+    recipes: Mapping[str, Recipe] | None = None,
+    input_bytes: int = 0,
 ) -> ConvertResult:
     """Write ``keys`` (read one at a time with ``get``) cast to ``targets`` through a planned writer.
 
     :param inputs: every file read (the output may be none of them); default ``[src]``.
-    :param file: the one safetensors file all ``keys`` are read from, when there is one: the tensors then
-        stream part by part through :func:`~lorasmith.io.pipeline.run_steps` (reading, casting, writing and
-        hashing overlap) instead of whole tensors through ``get``; the output is the same, byte for byte.
+    :param recipes: where every key's values are stored, when they all are in safetensors files (one
+        file, shards, the models of a diffusers folder): the tensors then stream part by part through
+        :func:`~lorasmith.ops._convert_dtype.cast_stream` (reading, casting, writing and hashing overlap)
+        instead of whole tensors through ``get``; the output is the same, byte for byte.
+    :param input_bytes: the size of the files read (sizes the pipeline's buffers).
     """
     from lorasmith.io.writer import SafetensorsWriter
 
@@ -977,14 +1355,24 @@ def write_streaming(
     stats = CastStats()
     files = [src] if inputs is None else list(inputs)
     with SafetensorsWriter(output, metadata=meta, overwrite=overwrite, inputs=files, plan=plan) as writer:
-        if file is not None:
-            _cast_pipeline(file, writer, len(keys), stats, progress)
+        if recipes is not None and PIPELINE:
+            from lorasmith.io.pipeline import memory_budget
+
+            cast_stream(
+                writer,
+                recipes,
+                stats,
+                memory=memory_budget(input_bytes),
+                on_tensor=_ticker(progress, len(keys)),
+            )
         else:
             for i, k in enumerate(keys):
                 t = get(k)
                 new, cs = cast_tensor(t, plan[k][0] if plan[k][0] != specs[k][0] else None)
+                del t  # one input tensor alive at a time (a pickle's state dict gives them up as read)
                 stats.add(cs)
                 writer.write(k, new)
+                del new
                 progress(ProgressEvent("writing", i + 1, len(keys), k))
         written = writer.close()
     counts: dict[str, int] = {}
@@ -1005,107 +1393,22 @@ def write_streaming(
     )
 
 
-def _cast_pipeline(
-    file: TensorFile,
-    writer: SafetensorsWriter,
-    total: int,
-    stats: CastStats,
-    progress: ProgressCallback,
-) -> None:
-    """Stream every planned tensor of ``writer`` from ``file``, cast part by part, through ``run_steps``.
-
-    A tensor whose planned dtype is its stored one is copied byte for byte; any other is cast with
-    :func:`~lorasmith.ops._convert_dtype.cast_into`, whose counts are per value, so adding them part by
-    part gives the counts of the whole tensor. The counts are added on the computing thread only (no
-    lock needed). Progress is per tensor, as each tensor's last part is computed (in the output's data
-    order, which is the order the tensors are written in).
-    """
-    from lorasmith.io import pipeline
-    from lorasmith.io.pipeline import (
-        Source,
-        Step,
-        copy_steps,
-        memory_budget,
-        part_elements,
-        run_steps,
-        split_range,
-    )
-    from lorasmith.io.writer import NonFiniteError
-
-    # read at call time (not bound as a default) so that tests can shrink the parts to split small tensors
-    part_bytes = pipeline.BUFFER_BYTES
-
-    def cast_parts(name: str) -> Iterator[Step]:
-        info = file.info(name)
-        numel = _numel(info.shape)
-        in_size = info.nbytes // max(1, numel)
-        out_size = _st_itemsize(writer.planned_dtype(name))
-
-        def cast(inputs: list[torch.Tensor], out: torch.Tensor) -> None:
-            stats.add(cast_into(inputs[0], out))
-
-        def first(inputs: list[torch.Tensor], out: torch.Tensor) -> None:
-            stats.tensors += 1  # once per tensor, on its first part (an empty tensor has one empty part)
-            stats.values += numel
-            cast(inputs, out)
-
-        for start, length, last in split_range(
-            numel, part_elements(in_size, out_size, buffer_bytes=part_bytes)
-        ):
-            source = Source(file, name, start, length)
-            yield Step(name, start, length, [source], first if start == 0 else cast, last)
-
-    def steps() -> Iterator[Step]:
-        for name in writer.planned_names:  # data order: the hash runs as the parts arrive
-            info = file.info(name)
-            if writer.planned_dtype(name) == info.dtype:
-                yield from copy_steps(
-                    file, name, name, part_elements(_st_itemsize(info.dtype), buffer_bytes=part_bytes)
-                )
-            else:
-                yield from cast_parts(name)
-
-    done = 0
+def _ticker(progress: ProgressCallback, total: int, done: int = 0) -> Callable[[str], None]:
+    """A per-tensor progress callback for the pipeline: ``("writing", done, total, name)`` events."""
+    count = done
 
     def tick(name: str) -> None:
-        nonlocal done
-        done += 1
-        progress(ProgressEvent("writing", done, total, name))
+        nonlocal count
+        count += 1
+        progress(ProgressEvent("writing", count, total, name))
 
-    try:
-        run_steps(
-            steps(),
-            writer,
-            on_tensor=tick,
-            buffer_bytes=part_bytes,
-            memory=memory_budget(file.header.file_size),
-        )
-    except NonFiniteError as exc:
-        # The pipeline checks part by part, so its counts are those of the first bad part; the message
-        # names the whole tensor's counts, as a whole-tensor write does (a rare path: re-reading is fine).
-        raise NonFiniteError(_whole_nonfinite(file, writer, exc.tensor)) from None
+    return tick
 
 
-def _whole_nonfinite(file: TensorFile, writer: SafetensorsWriter, found: NonFiniteTensor) -> NonFiniteTensor:
-    """``found`` with the counts of the whole cast tensor instead of one part's."""
-    from lorasmith.io.writer import NonFiniteTensor, nonfinite_counts
-
-    target = writer.planned_dtype(found.name)
-    stored = file.get(found.name)
-    new, _ = cast_tensor(stored, target if target != file.info(found.name).dtype else None)
-    nan, inf = nonfinite_counts(new)
-    return NonFiniteTensor(found.path, found.name, nan, inf)
-
-
-def _st_itemsize(st_dtype: str) -> int:
-    """Bytes per element of a safetensors dtype (at least 1)."""
-    from lorasmith.io.dtypes import torch_dtype
-
-    return max(1, torch_dtype(st_dtype).itemsize)
-
-
-def _numel(shape: Iterable[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
+def _files_bytes(paths: Iterable[Path]) -> int:
+    """Total size of ``paths`` (0 for one that cannot be read: it only sizes buffers)."""
+    total = 0
+    for p in paths:
+        with contextlib.suppress(OSError):
+            total += p.stat().st_size
+    return total

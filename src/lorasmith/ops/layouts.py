@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 
     from lorasmith.io.header import Header
     from lorasmith.io.reader import TensorFile
+    from lorasmith.ops._convert_dtype import Piece, Recipe
     from lorasmith.ops._diffusers_weights import ModelWeights
 
 __all__ = [
@@ -60,10 +61,12 @@ __all__ = [
     "FolderPlan",
     "LayoutSource",
     "TempFolder",
+    "canonical_recipe",
     "canonical_shape",
     "check_folder_output",
     "diffusers_inventory",
     "layout_parts",
+    "layout_recipes",
     "layout_shape",
     "main_header",
     "main_weights",
@@ -208,6 +211,82 @@ def to_canonical(t: torch.Tensor, entry: LayoutEntry) -> torch.Tensor:
     return t
 
 
+# ----------------------------------------------------------------------------------- streamed recipes
+# Why ranges: with ``dim`` 0, concatenating parts, splitting into row blocks, dropping a 1x1 and swapping
+# halves only move whole rows, so every tensor on either side is a few contiguous element ranges of the
+# tensors on the other, and can be streamed in parts without ever holding it. A transpose (or a split along
+# another axis) is no such thing: those tensors (a text projection) are read whole and rewritten.
+def _by_rows(entry: LayoutEntry) -> bool:
+    return entry.dim == 0 and entry.transform in (None, "drop_1x1", "swap_halves")
+
+
+def _swapped(entry: LayoutEntry, pieces: tuple[Piece, ...], rows: int) -> tuple[Piece, ...]:
+    """The elements of ``pieces`` (a tensor of ``rows`` rows) in the order :func:`_swap` puts them."""
+    from lorasmith.ops._convert_dtype import select
+
+    if entry.transform != "swap_halves":
+        return pieces
+    numel = sum(p.count for p in pieces)
+    per_row = numel // rows if rows else 0
+    h = rows // 2
+    return select(pieces, [(h * per_row, numel), (0, h * per_row)])
+
+
+def canonical_recipe(entry: LayoutEntry, parts: list[tuple[Piece, tuple[int, ...]]]) -> Recipe:
+    """The recipe of a canonical tensor from its layout parts ``(piece, stored shape)``, in order
+    (:meth:`LayoutSource.get` streamed)."""
+    from lorasmith.ops._convert_dtype import Recipe
+
+    pieces = tuple(p for p, _ in parts)
+    if _by_rows(entry):
+        rows = sum(int(shape[0]) for _, shape in parts) if parts[0][1] else 0
+        return Recipe(_swapped(entry, pieces, rows))
+    shapes = [shape for _, shape in parts]
+
+    def combine(inputs: list[torch.Tensor]) -> torch.Tensor:
+        import torch
+
+        views = [t.view(shape) for t, shape in zip(inputs, shapes, strict=True)]
+        t = views[0] if len(views) == 1 else torch.cat(views, dim=entry.dim)
+        return to_canonical(t, entry).contiguous()
+
+    return Recipe(pieces, combine)
+
+
+def layout_recipes(entry: LayoutEntry, piece: Piece, canonical: tuple[int, ...]) -> list[tuple[str, Recipe]]:
+    """``(layout key, recipe)`` of every layout tensor of one canonical tensor stored whole as ``piece``
+    with shape ``canonical`` (the streamed counterpart of :func:`to_layout` and the row split).
+
+    The first part counts the canonical tensor's cast (its values), the others nothing, as a cast of the
+    whole canonical tensor counts it once.
+    """
+    from lorasmith.ops._convert_dtype import Recipe, select
+
+    shape = layout_shape(canonical, entry.transform)
+    rows_total = shape[entry.dim] if shape else 1
+    parts = layout_parts(entry, rows_total)
+    out: list[tuple[str, Recipe]] = []
+    numel = piece.count
+    start = 0
+    if _by_rows(entry):
+        per_row = numel // rows_total if rows_total else 0
+        ordered = _swapped(entry, (piece,), rows_total)
+        for i, (key, rows) in enumerate(parts):
+            pieces = select(ordered, [(start * per_row, (start + rows) * per_row)])
+            out.append((key, Recipe(pieces, counted=i == 0, values=numel)))
+            start += rows
+        return out
+    for i, (key, rows) in enumerate(parts):
+
+        def combine(inputs: list[torch.Tensor], start: int = start, rows: int = rows) -> torch.Tensor:
+            t = to_layout(inputs[0].view(canonical), entry)
+            return t.narrow(entry.dim, start, rows).contiguous()
+
+        out.append((key, Recipe((piece,), combine, counted=i == 0, values=numel)))
+        start += rows
+    return out
+
+
 # --------------------------------------------------------------------------------------------- reading
 class LayoutSource:
     """A checkpoint in a family's diffusers layout (a folder or one weights file), read under canonical keys.
@@ -332,6 +411,39 @@ class LayoutSource:
 
         return sorted(self.keys, key=where)  # stable: the extras keep their order
 
+    @property
+    def streamable(self) -> bool:
+        """Whether every model is stored as safetensors (so :meth:`recipes` can stream it)."""
+        return all(w.streamable for w in self.models.values())
+
+    def recipes(self) -> dict[str, Recipe]:
+        """Canonical key -> :class:`~lorasmith.ops._convert_dtype.Recipe` from the layout tensors, for
+        :func:`~lorasmith.ops._convert_dtype.cast_stream`; every file is opened now (and closed by
+        :meth:`close`).
+
+        :raises ValueError: a model stored as pickles (:attr:`streamable` is false).
+        """
+        from lorasmith.ops._convert_dtype import Recipe, whole_piece
+
+        out: dict[str, Recipe] = {}
+        for key in self.keys:
+            entry = self._entries.get(key)
+            if entry is None:
+                assert self._extras is not None
+                if self._extras_file is None:
+                    from lorasmith.io.reader import open_tensors
+
+                    self._extras_file = open_tensors(self._extras.path, self._extras)
+                out[key] = Recipe((whole_piece(self._extras_file, key),))
+                continue
+            parts = []
+            for p, _ in entry.parts:
+                sub, name = split_layout_key(p, self._default)
+                model = self.models[sub]
+                parts.append((model.piece(name), tuple(model.tensors[name].shape)))
+            out[key] = canonical_recipe(entry, parts)
+        return out
+
     def get(self, key: str) -> torch.Tensor:
         """The canonical tensor ``key`` (its stored dtype, CPU)."""
         import torch
@@ -377,16 +489,22 @@ class LayoutSource:
 # --------------------------------------------------------------------------------------------- writing
 def check_folder_output(output: Path, overwrite: bool, src: Path) -> None:
     """Refuse a diffusers output folder that exists (without ``overwrite``), is a file, holds the input
-    ``src`` or has no parent folder, before any work."""
-    if output.exists() and not overwrite:
-        raise OutputExistsError(f"{output}: output already exists", hint="pass --overwrite to replace it")
-    if output.exists() and not output.is_dir():
-        raise InvalidFileError(f"{output}: a diffusers output is a folder, and this is a file")
+    ``src``, lies inside an input folder or has no parent folder, before any work."""
     out_abs, src_abs = output.resolve(), src.resolve()
     if out_abs == src_abs or out_abs in src_abs.parents:
         raise OutputExistsError(
             f"{output}: the output folder holds the input", hint="write the output to a new folder"
         )
+    if src_abs in out_abs.parents:
+        # writing there would change the input folder (and a folder being copied would copy itself)
+        raise OutputExistsError(
+            f"{output}: the output folder is inside the input folder {src}",
+            hint="write the output next to the input, not into it",
+        )
+    if output.exists() and not overwrite:
+        raise OutputExistsError(f"{output}: output already exists", hint="pass --overwrite to replace it")
+    if output.exists() and not output.is_dir():
+        raise InvalidFileError(f"{output}: a diffusers output is a folder, and this is a file")
     if not output.parent.is_dir():
         raise InvalidFileError(
             f"{output.parent}: output folder does not exist", hint="create the folder first"

@@ -4,8 +4,14 @@ A pickle can run any code when it is loaded. lorasmith reads one only through
 ``torch.load(weights_only=True)``, torch's restricted unpickler, which builds tensors, containers and
 plain values and refuses every other global; a file that names one (``os.system``, ``builtins.exec``, a
 class of some project) is refused with :class:`~lorasmith.errors.InvalidFileError` before anything of it
-runs. ``mmap=True`` is used where the file allows it (torch's zip format), so that tensors are paged in as
-they are written rather than all read first.
+runs.
+
+Memory: a pickle cannot be read part by part, so it is read tensor by tensor. ``mmap=True`` is used where
+the file allows it (torch's zip format, the default of ``torch.save`` since torch 1.6): the tensors are then
+views of the memory-mapped file, paged in from the page cache as they are written (pages the kernel can
+drop at will), and the process holds one cast copy of one tensor at a time. A legacy (pre-zip) pickle
+cannot be mapped: it is loaded whole (about its file size in memory), and each tensor is let go as soon as
+it is written, so that memory falls as the conversion goes.
 
 What is kept: the tensors of the state dict, found at the top level or under a wrapper key
 (``state_dict`` first, then ``model``, then ``module``); nested dicts of tensors are flattened with ``.``.
@@ -132,7 +138,8 @@ def pickle_to_safetensors(
         output,
         keys=keys,
         specs=specs,
-        get=lambda k: tensors[k].contiguous(),
+        # popped: each tensor is let go once written (a legacy pickle's memory falls as the file is written)
+        get=lambda k: tensors.pop(k).contiguous(),
         targets=targets,
         metadata={},
         record={"from": "pickle", "dtype": {k: v for k, v in dtypes.items() if v is not None}},
