@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from lorasmith.cli import app
-from lorasmith.errors import NotAvailableError, UsageError
+from lorasmith.errors import UsageError
 from lorasmith.ops.cache.datasets import ImageGroup, Settings, check_cacheable, load_dataset_config
 
 runner = CliRunner()
@@ -80,9 +80,9 @@ def test_zero_rates_and_weighted_captions(tmp_path: Path) -> None:
         tmp_path, subset="caption_dropout_rate = 0\ntoken_warmup_step = 0\nshuffle_caption = false"
     )
     check_cacheable(_groups(zero), "text")
+    # weighted captions are cached (SDXL; cache text refuses the other families itself)
     weighted = _config(tmp_path, general="weighted_captions = true")
-    with pytest.raises(NotAvailableError, match=r"dataset.toml \[general\]: weighted_captions = true"):
-        check_cacheable(_groups(weighted), "text")
+    check_cacheable(_groups(weighted), "text")
     wrong = _config(tmp_path, subset='caption_dropout_rate = "high"')
     with pytest.raises(UsageError, match="caption_dropout_rate must be float"):
         _groups(wrong)
@@ -120,6 +120,18 @@ def test_cli_text_refusal(tmp_path: Path) -> None:
     res = runner.invoke(app, [*args, "--tokenizer", str(model["tok_dir"])])
     assert res.exit_code == 2 and "Traceback" not in res.output
     assert "error: " in res.output and "[general]: shuffle_caption = true" in res.output
+
+
+def test_cli_text_refuses_settings_before_reading_encoders(tmp_path: Path) -> None:
+    # a missing encoder file and no tokenizer: the dataset setting is still what the run stops on, since
+    # the settings are read first (nothing is loaded for a run that the trainer would refuse anyway)
+    pytest.importorskip("transformers")
+    cfg = _config(tmp_path, subset="caption_dropout_rate = 0.1")
+    args = ["cache", "text", "--arch", "sdxl", "--dataset-config", str(cfg)]
+    res = runner.invoke(app, [*args, "--text-encoder", str(tmp_path / "missing.safetensors")])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "datasets[0].subsets[0]: caption_dropout_rate = 0.1" in res.output
+    assert "missing.safetensors" not in res.output and "tokenizer" not in res.output
 
 
 # ------------------------------------------------------------------------------------- old <stem>.npz

@@ -19,7 +19,6 @@ import pytest
 from typer.testing import CliRunner
 
 from lorasmith.cli import app
-from lorasmith.errors import NotAvailableError
 from lorasmith.ops.cache.datasets import Settings, dreambooth_folder, folder_groups, load_dataset_config
 from lorasmith.ops.cache.text import TEXT_FAMILIES, TextCacheItem, plan_text_jobs
 
@@ -120,14 +119,6 @@ def test_face_crop_names_wildcards_and_empty_captions(tmp_path: Path) -> None:
     _touch(data / "10_red dog", ["x.png"])
     musubi = _plan(folder_groups(data, plain), dreambooth=False)
     assert musubi["face_120_80_40_40.png"].status == "failed" and musubi["x.png"].status == "failed"
-
-
-def test_fine_tuning_subsets_are_refused(tmp_path: Path) -> None:
-    _touch(tmp_path / "imgs", ["a.png"])
-    cfg = tmp_path / "ft.toml"
-    cfg.write_text('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "imgs"\nmetadata_file = "meta.json"\n')
-    with pytest.raises(NotAvailableError, match=r"ft.toml datasets\[0\].subsets\[0\]: metadata_file"):
-        load_dataset_config(cfg, Settings((64, 64)))
 
 
 # ------------------------------------------------------------------------------------------ end to end

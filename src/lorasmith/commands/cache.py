@@ -243,6 +243,8 @@ def _render_text(console: Console, r: TextCacheResult) -> None:
         console.print(
             f"  captions {r.max_token_length} tokens ({r.max_token_length // 75} windows of 77)", markup=False
         )
+    if r.weighted_captions:
+        console.print("  captions weighted ((word), (word:1.3), [word])", markup=False)
     if r.t5_max_length is not None:
         masks = f"t5 mask {'applied' if r.apply_t5_attn_mask else 'not applied'}"
         if r.arch == "sd3":
@@ -297,6 +299,14 @@ def text(
             help="SDXL caption tokens: 75 (default), 150 or 225 (sd-scripts' --max_token_length).",
         ),
     ] = None,
+    weighted_captions: Annotated[
+        bool,
+        typer.Option(
+            "--weighted-captions",
+            help="SDXL: read (word), (word:1.3), [word] and weight the token states (sd-scripts' "
+            "--weighted_captions).",
+        ),
+    ] = False,
     apply_t5_attn_mask: Annotated[
         bool, typer.Option("--apply-t5-attn-mask", help="Mask T5 padding (the trainer's flag).")
     ] = False,
@@ -333,6 +343,7 @@ def text(
             batch_size=batch_size,
             t5_max_length=t5_max_length,
             max_token_length=max_token_length,
+            weighted_captions=weighted_captions,
             apply_t5_attn_mask=apply_t5_attn_mask,
             apply_lg_attn_mask=apply_lg_attn_mask,
             skip_existing=skip_existing,

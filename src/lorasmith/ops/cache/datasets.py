@@ -15,9 +15,15 @@ image folder ``image_dir`` (sd-scripts) or ``image_directory`` (musubi-tuner, wi
 subset whose ``image_dir`` repeats an earlier one of the same dataset is left out (sd-scripts keeps the
 first). The augmentation keys that forbid a cache in sd-scripts (``random_crop``, ``color_aug`` for
 latents; ``shuffle_caption``, ``caption_dropout_rate``, ``caption_tag_dropout_rate``,
-``token_warmup_step`` for text) are read so that :func:`check_cacheable` can refuse them by name. A
-fine-tuning subset (``metadata_file``), whose captions and sizes live in a JSON file lorasmith does not
-read, is refused.
+``token_warmup_step`` for text) are read so that :func:`check_cacheable` can refuse them by name.
+
+A fine-tuning subset (``metadata_file``, sd-scripts' ``FineTuningDataset``) takes its images, captions
+and sizes from the JSON that sd-scripts' ``finetune/`` scripts write (image key -> ``caption``, ``tags``,
+``train_resolution``): :func:`load_metadata` resolves each key to its image as sd-scripts does, joins
+caption and tags with ``caption_separator`` (:func:`metadata_caption`), and keeps ``train_resolution``,
+which stands for the image's size when sd-scripts buckets it (:class:`MetadataEntry`). When every image of
+a fine-tuning dataset has one, its bucket *is* that size (``ImageGroup.metadata_buckets``), as in
+sd-scripts, which then refuses ``bucket_no_upscale``.
 
 Every setting remembers where it was set (:meth:`Settings.origin`), so that a refusal can name the file
 and the table of the key.
@@ -26,6 +32,7 @@ and the table of the key.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -38,6 +45,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "MAX_TOKEN_LENGTHS",
     "ImageGroup",
+    "MetadataEntry",
     "Settings",
     "check_cacheable",
     "check_max_token_length",
@@ -46,6 +54,10 @@ __all__ = [
     "folder_group",
     "folder_groups",
     "load_dataset_config",
+    "load_metadata",
+    "metadata_caption",
+    "metadata_image",
+    "refuse_metadata",
 ]
 
 #: File extensions taken as images (case-insensitive), as the trainers glob them.
@@ -71,14 +83,17 @@ class Settings:
     :ivar class_tokens: the caption of an image without caption file (DreamBooth ``class_tokens``).
     :ivar num_repeats: repeats of the subset (no effect on a cache; below 1 the subset is left out).
     :ivar is_reg: regularisation images (no effect on a cache).
-    :ivar enable_wildcard: a caption is every non-empty line of its file, joined by newlines (sd-scripts).
+    :ivar enable_wildcard: a caption is every non-empty line of its file, joined by newlines (sd-scripts);
+        in a fine-tuning subset, the tags follow every line of the caption.
+    :ivar caption_separator: what joins a fine-tuning entry's caption and tags (sd-scripts' default ``,``).
     :ivar random_crop: ``random_crop`` (latents cannot be cached with it).
     :ivar color_aug: ``color_aug`` (latents cannot be cached with it).
     :ivar shuffle_caption: ``shuffle_caption`` (text-encoder outputs cannot be cached with it).
     :ivar caption_dropout_rate: ``caption_dropout_rate`` (no text-encoder cache above 0).
     :ivar caption_tag_dropout_rate: ``caption_tag_dropout_rate`` (no text-encoder cache above 0).
     :ivar token_warmup_step: ``token_warmup_step`` (no text-encoder cache above 0).
-    :ivar weighted_captions: ``weighted_captions`` (not supported by ``cache text``).
+    :ivar weighted_captions: ``weighted_captions``: SDXL captions read with the attention syntax and
+        weighted (sd-scripts' ``--weighted_captions``; one value per run).
     :ivar origins: ``(key, where)`` for every key a dataset config set (the TOML file and table).
     """
 
@@ -97,6 +112,7 @@ class Settings:
     num_repeats: int = 1
     is_reg: bool = False
     enable_wildcard: bool = False
+    caption_separator: str = ","
     random_crop: bool = False
     color_aug: bool = False
     shuffle_caption: bool = False
@@ -113,20 +129,44 @@ class Settings:
 
 
 @dataclass(frozen=True)
+class MetadataEntry:
+    """One image of a fine-tuning subset: an entry of its ``metadata_file``.
+
+    :ivar key: the entry's image key (a file stem, or a path with its extension).
+    :ivar image: the image file the key resolves to (:func:`metadata_image`).
+    :ivar caption: the caption sd-scripts builds from the entry (:func:`metadata_caption`); may be empty.
+    :ivar train_resolution: the entry's ``train_resolution`` ``(W, H)``, ``None`` when it has none.
+        sd-scripts takes it for the image's size when it buckets the image and names the latent cache.
+    """
+
+    key: str
+    image: Path
+    caption: str
+    train_resolution: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
 class ImageGroup:
     """Images sharing one :class:`Settings`.
 
-    :ivar images: the image files, sorted.
+    :ivar images: the image files, sorted (a fine-tuning subset: in its metadata file's order).
     :ivar settings: how they are cached.
     :ivar cache_dir: where caches go (``None``: next to each image).
     :ivar source: where the group comes from (``dataset.toml datasets[0].subsets[1]``, a folder), for
         messages.
+    :ivar entries: a fine-tuning subset's entries, one per image of ``images`` (empty otherwise).
+    :ivar metadata_file: the fine-tuning subset's ``metadata_file`` (``None`` otherwise).
+    :ivar metadata_buckets: every image of the fine-tuning dataset has a ``train_resolution``, so each
+        image's bucket is its ``train_resolution`` (sd-scripts' "bucket info in metadata").
     """
 
     images: tuple[Path, ...]
     settings: Settings
     cache_dir: Path | None = None
     source: str = ""
+    entries: tuple[MetadataEntry, ...] = ()
+    metadata_file: Path | None = None
+    metadata_buckets: bool = False
 
 
 def _is_image(p: Path) -> bool:
@@ -258,6 +298,7 @@ def _apply(settings: Settings, table: Mapping[str, Any], source: str) -> Setting
         "num_repeats": ("num_repeats", int),
         "is_reg": ("is_reg", bool),
         "enable_wildcard": ("enable_wildcard", bool),
+        "caption_separator": ("caption_separator", str),
         "random_crop": ("random_crop", bool),
         "color_aug": ("color_aug", bool),
         "shuffle_caption": ("shuffle_caption", bool),
@@ -296,11 +337,10 @@ def check_cacheable(groups: Sequence[ImageGroup], what: str) -> None:
     ``color_aug`` (``is_latent_cacheable``: both change the pixels every step), and text-encoder outputs
     with ``shuffle_caption``, ``caption_dropout_rate``, ``caption_tag_dropout_rate`` or
     ``token_warmup_step`` (``is_text_encoder_output_cacheable``: each changes the caption every step).
-    ``weighted_captions`` is refused by lorasmith: sd-scripts caches weighted SDXL captions, lorasmith
-    does not weight them yet.
+    (``weighted_captions`` is not refused: sd-scripts caches weighted SDXL captions, and ``cache text``
+    weights them; it refuses them for the other families itself.)
 
     :raises UsageError: a setting the trainer refuses to cache with, naming the TOML file and table.
-    :raises NotAvailableError: ``weighted_captions`` for text.
     """
     for group in groups:
         s = group.settings
@@ -309,12 +349,6 @@ def check_cacheable(groups: Sequence[ImageGroup], what: str) -> None:
             why = "it changes the image every step, so sd-scripts refuses to cache latents with it"
             hint = "set it to false (or leave it out) for a run with cached latents, or do not cache latents"
         else:
-            if s.weighted_captions:
-                raise NotAvailableError(
-                    f"{s.origin('weighted_captions') or group.source}: weighted_captions = true is not "
-                    "supported by lorasmith cache text",
-                    hint="drop it, or let sd-scripts cache weighted captions itself (--weighted_captions)",
-                )
             flags = {
                 "shuffle_caption": s.shuffle_caption,
                 "caption_dropout_rate": s.caption_dropout_rate > 0,
@@ -350,6 +384,166 @@ def check_max_token_length(value: int | None, source: str = "--max-token-length"
     return value
 
 
+# ----------------------------------------------------------------------------- fine-tuning (metadata_file)
+def metadata_caption(
+    caption: str | None, tags: str | None, separator: str = ",", wildcard: bool = False
+) -> str:
+    """The caption sd-scripts' ``FineTuningDataset`` makes of an entry's ``caption`` and ``tags``.
+
+    Only tags: they are the caption. Both: ``caption + separator + tags`` (empty tags add nothing). With
+    ``wildcard`` (``enable_wildcard``) the tags' newlines become separators and the tags follow every
+    non-empty line of the caption, the lines joined by newlines again. Neither: ``""``. The result is
+    what sd-scripts stores and caches: multi-line captions stay multi-line.
+    """
+    if caption is None:
+        # sd-scripts: "caption = tags; tags = None" (the tags may be several lines)
+        caption, tags = tags, None
+    if wildcard:
+        if tags is not None:
+            tags = tags.replace("\n", separator)
+        if caption is not None and tags is not None:
+            # lines are filtered by their stripped text but kept as written
+            caption = "\n".join(f"{line}{separator}{tags}" for line in caption.split("\n") if line.strip())
+    elif caption is not None and tags:
+        caption = caption + separator + tags
+    return caption if caption is not None else ""
+
+
+def _image_extensions() -> list[str]:
+    # sd-scripts globs each extension in lower and in upper case (``IMAGE_EXTENSIONS``), not mixed case
+    return [*IMAGE_EXTENSIONS, *(e.upper() for e in IMAGE_EXTENSIONS)]
+
+
+def metadata_image(key: str, image_dir: Path | None) -> Path | None:
+    """The image of a metadata key, found as sd-scripts' ``FineTuningDataset`` finds it.
+
+    First the key itself as a file path (absolute, or relative to the current folder: the
+    ``--full_path`` keys of the finetune scripts); then ``image_dir / (key + ext)`` for the image
+    extensions in lower and upper case, the first in sorted order (the stem keys). A key that already
+    ends in an extension is therefore found only as a path. ``None`` when neither exists.
+    """
+    as_path = Path(key)
+    if as_path.is_file():
+        return as_path
+    if image_dir is None:
+        return None
+    found = sorted(
+        str(image_dir / (key + ext)) for ext in _image_extensions() if (image_dir / (key + ext)).is_file()
+    )
+    return Path(found[0]) if found else None
+
+
+def _text_field(value: Any, name: str, where: str) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise InvalidFileError(
+        f"{where}: {name} must be a string, got {type(value).__name__}", hint="fix the metadata file"
+    )
+
+
+def _train_resolution(value: Any, where: str) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    ok = (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    )
+    if not ok:
+        raise InvalidFileError(
+            f"{where}: train_resolution must be [W, H], got {value!r}", hint="fix the metadata file"
+        )
+    w, h = int(value[0]), int(value[1])
+    if w % 8 or h % 8:
+        # prepare_buckets_latents.py rounds it down to 8: the latent is an eighth of it
+        raise InvalidFileError(
+            f"{where}: train_resolution {w}x{h} is not a multiple of 8",
+            hint="re-run sd-scripts' prepare_buckets_latents.py, which writes multiples of 8",
+        )
+    return (w, h)
+
+
+def load_metadata(
+    path: Path, image_dir: Path | None, settings: Settings, source: str = ""
+) -> tuple[MetadataEntry, ...]:
+    """The entries of a fine-tuning ``metadata_file``, in its order.
+
+    Every key is resolved to its image (:func:`metadata_image`), its caption built from ``caption`` and
+    ``tags`` with the subset's ``caption_separator`` and ``enable_wildcard`` (:func:`metadata_caption`),
+    and its ``train_resolution`` kept. Other fields are ignored.
+
+    :raises InvalidFileError: the file cannot be read or is not a JSON object of objects, a field has the
+        wrong type, or a key resolves to no image (sd-scripts stops on it too).
+    """
+    label = f"{source}: metadata_file {path}" if source else str(path)
+    try:
+        with path.open("r", encoding="utf-8") as fh:
+            data = json.load(fh)
+    except FileNotFoundError as exc:
+        raise InvalidFileError(
+            f"{label} not found", hint="name the JSON of sd-scripts' finetune scripts"
+        ) from exc
+    except OSError as exc:
+        raise InvalidFileError(f"{label}: cannot read it ({exc.strerror or exc})") from exc
+    except (UnicodeDecodeError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
+        raise InvalidFileError(f"{label}: not valid JSON ({exc})", hint="fix the metadata file") from exc
+    if not isinstance(data, dict):
+        raise InvalidFileError(
+            f"{label}: not a JSON object of image keys", hint='expected {"<image key>": {"caption": ...}}'
+        )
+    entries: list[MetadataEntry] = []
+    for key, md in data.items():
+        where = f"{path} [{key!r}]"
+        if not isinstance(md, dict):
+            raise InvalidFileError(f"{where}: not a JSON object", hint="fix the metadata file")
+        image = metadata_image(key, image_dir)
+        if image is None:
+            places = (
+                f"{image_dir / key}.<{'|'.join(e[1:] for e in IMAGE_EXTENSIONS)}>"
+                if image_dir
+                else "image_dir"
+            )
+            npz = next((q for q in _npz_candidates(key, image_dir) if q.is_file()), None)
+            hint = (
+                f"only {npz} is there (latents of prepare_buckets_latents.py): lorasmith caches from images"
+                if npz is not None
+                else "fix the key or the subset's image_dir: sd-scripts stops on it too"
+            )
+            raise InvalidFileError(f"{where}: no image (neither the path {key!r} nor {places})", hint=hint)
+        caption = _text_field(md.get("caption"), "caption", where)
+        tags = _text_field(md.get("tags"), "tags", where)
+        entries.append(
+            MetadataEntry(
+                key,
+                image,
+                metadata_caption(caption, tags, settings.caption_separator, settings.enable_wildcard),
+                _train_resolution(md.get("train_resolution"), where),
+            )
+        )
+    return tuple(entries)
+
+
+def _npz_candidates(key: str, image_dir: Path | None) -> list[Path]:
+    # where sd-scripts looks for a key that has no image: the prepared latents, used instead of it
+    found = [Path(os.path.splitext(key)[0] + ".npz")]
+    if image_dir is not None:
+        found.append(image_dir / (key + ".npz"))
+    return found
+
+
+def refuse_metadata(groups: Sequence[ImageGroup], family: str, trainer: str) -> None:
+    """Refuse fine-tuning subsets for a family whose trainer has none (musubi-tuner's Z-Image).
+
+    :raises UsageError: a group from a ``metadata_file``.
+    """
+    for g in groups:
+        if g.metadata_file is not None:
+            raise UsageError(
+                f"{g.source}: metadata_file: {trainer} has no fine-tuning datasets for {family}",
+                hint="give the images a folder with caption files (image_directory)",
+            )
+
+
 def _toml_load(path: Path) -> dict[str, Any]:
     try:
         toml: Any = importlib.import_module("tomllib")
@@ -373,12 +567,16 @@ def _toml_load(path: Path) -> dict[str, Any]:
 def load_dataset_config(path: str | os.PathLike[str], defaults: Settings) -> list[ImageGroup]:
     """The image groups of an sd-scripts / musubi-tuner dataset TOML.
 
-    Relative folders are taken relative to the TOML file's folder when they exist there, else to the
-    current folder.
+    Relative folders and metadata files are taken relative to the TOML file's folder when they exist
+    there, else to the current folder. A dataset whose subsets have ``metadata_file`` is a fine-tuning
+    dataset (:func:`load_metadata`); as in sd-scripts, one dataset may not mix the two kinds, a subset
+    repeating an earlier ``metadata_file`` (``image_dir`` for DreamBooth) is left out, and so is one with
+    no entries.
 
-    :raises InvalidFileError: unreadable file, a missing image folder, or no dataset in it.
-    :raises UsageError: a key with a value of the wrong type.
-    :raises NotAvailableError: a fine-tuning subset (``metadata_file``).
+    :raises InvalidFileError: unreadable file, a missing image folder or metadata file, a metadata key
+        without image, or no dataset in it.
+    :raises UsageError: a key with a value of the wrong type, DreamBooth and fine-tuning subsets in one
+        dataset, or ``bucket_no_upscale`` for a fine-tuning dataset whose metadata holds every bucket.
     """
     p = Path(path)
     data = _toml_load(p)
@@ -396,18 +594,28 @@ def load_dataset_config(path: str | os.PathLike[str], defaults: Settings) -> lis
         ds_settings = _apply(base, ds, f"{p} datasets[{i}]")
         subsets = ds.get("subsets")
         tables = subsets if isinstance(subsets, list) and subsets else [ds]
+        kinds = {isinstance(t, dict) and "metadata_file" in t for t in tables}
+        if len(kinds) > 1:
+            raise UsageError(
+                f"{p} datasets[{i}]: DreamBooth subsets (image_dir) and fine-tuning subsets (metadata_file) "
+                "in one dataset",
+                hint="sd-scripts refuses to mix them: give each kind its own [[datasets]]",
+            )
+        ds_groups: list[ImageGroup] = []
         seen: set[str] = set()
         for j, sub in enumerate(tables):
             src = f"{p} datasets[{i}].subsets[{j}]" if tables is subsets else f"{p} datasets[{i}]"
             if not isinstance(sub, dict):
                 raise UsageError(f"{src} must be a table")
-            if "metadata_file" in sub:
-                raise NotAvailableError(
-                    f"{src}: metadata_file (a fine-tuning subset) is not supported by lorasmith cache",
-                    hint="use a DreamBooth subset (image_dir with caption files), or the trainer's own cache",
-                )
             settings = _apply(ds_settings, sub, src) if tables is subsets else ds_settings
+            cache = sub.get("cache_directory") or ds.get("cache_directory")
+            cache_dir = _relative(p, cache) if isinstance(cache, str) else None
             folder = sub.get("image_dir") or sub.get("image_directory")
+            if "metadata_file" in sub:
+                group = _fine_tuning_group(p, sub, settings, cache_dir, src, seen)
+                if group is not None:
+                    ds_groups.append(group)
+                continue
             if not isinstance(folder, str):
                 raise InvalidFileError(f"{src}: no image_dir / image_directory", hint="name the image folder")
             if settings.num_repeats < 1 or folder in seen:
@@ -415,12 +623,59 @@ def load_dataset_config(path: str | os.PathLike[str], defaults: Settings) -> lis
                 continue
             seen.add(folder)
             image_dir = _relative(p, folder)
-            cache = sub.get("cache_directory") or ds.get("cache_directory")
-            cache_dir = _relative(p, cache) if isinstance(cache, str) else None
             if not image_dir.is_dir():
                 raise InvalidFileError(f"{src}: image folder {image_dir} not found")
-            groups.append(ImageGroup(tuple(find_images(image_dir)), settings, cache_dir, src))
+            ds_groups.append(ImageGroup(tuple(find_images(image_dir)), settings, cache_dir, src))
+        groups.extend(_metadata_buckets(ds_groups))
     return groups
+
+
+def _fine_tuning_group(
+    config: Path, sub: Mapping[str, Any], settings: Settings, cache_dir: Path | None, src: str, seen: set[str]
+) -> ImageGroup | None:
+    """The group of a fine-tuning subset; ``None`` for one sd-scripts leaves out (no repeats, a repeated
+    ``metadata_file``, no entries)."""
+    meta = sub["metadata_file"]
+    if not isinstance(meta, str):
+        raise UsageError(f"{src}: metadata_file must be str, got {meta!r}")
+    if settings.num_repeats < 1 or meta in seen:
+        # sd-scripts: a subset without repeats, or a second one of the same metadata file, is left out
+        return None
+    seen.add(meta)
+    folder = sub.get("image_dir")
+    if folder is not None and not isinstance(folder, str):
+        raise UsageError(f"{src}: image_dir must be str, got {folder!r}")
+    image_dir = _relative(config, folder) if folder else None
+    if image_dir is not None and not image_dir.is_dir():
+        raise InvalidFileError(f"{src}: image folder {image_dir} not found")
+    meta_path = _relative(config, meta)
+    entries = load_metadata(meta_path, image_dir, settings, src)
+    if not entries:
+        return None
+    images = tuple(e.image for e in entries)
+    return ImageGroup(images, settings, cache_dir, src, entries, meta_path)
+
+
+def _metadata_buckets(groups: list[ImageGroup]) -> list[ImageGroup]:
+    """A fine-tuning dataset's groups, marked ``metadata_buckets`` when every image has a
+    ``train_resolution`` (sd-scripts then buckets by them alone, whatever ``enable_bucket`` says).
+
+    :raises UsageError: ``bucket_no_upscale`` in that case, which sd-scripts refuses.
+    """
+    entries = [e for g in groups for e in g.entries]
+    if not entries or any(g.metadata_file is None for g in groups):
+        return groups
+    if any(e.train_resolution is None for e in entries):
+        return groups
+    for g in groups:
+        if g.settings.bucket_no_upscale:
+            where = g.settings.origin("bucket_no_upscale") or "--bucket-no-upscale"
+            raise UsageError(
+                f"{where}: bucket_no_upscale = true with {g.metadata_file}, whose train_resolution values "
+                "are the buckets already",
+                hint="drop bucket_no_upscale: sd-scripts refuses it for such a fine-tuning dataset",
+            )
+    return [replace(g, metadata_buckets=True) for g in groups]
 
 
 def _relative(config: Path, folder: str) -> Path:

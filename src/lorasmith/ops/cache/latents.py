@@ -24,6 +24,11 @@ atomic. An image that cannot be read or a cache that cannot be written is report
 the run goes on.
 
 ``bucket_no_upscale`` buckets follow the images (:func:`~lorasmith.ops.cache.buckets.place_no_upscale`).
+In a fine-tuning subset (``metadata_file``) an entry's ``train_resolution`` stands for the image's size,
+as in sd-scripts: it chooses the bucket and the size the image is scaled to (the image itself is scaled to
+that size whatever its own aspect ratio) and names the cache, while ``original_size`` and ``crop_ltrb``
+come from the image. When every image of the dataset has one, the bucket is exactly the
+``train_resolution`` (sd-scripts' buckets from the metadata).
 ``random_crop`` / ``color_aug``, with which sd-scripts refuses to cache latents, stop the run first. Old
 sd-scripts caches ``<stem>.npz`` next to SD/SDXL images, which sd-scripts loads instead of the new names,
 are listed in the result, and deleted only with ``remove_old_npz``.
@@ -36,14 +41,14 @@ import os
 import tempfile
 import zlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field
 
 from lorasmith.errors import InvalidFileError, LorasmithError, NotAvailableError, UsageError
-from lorasmith.ops.cache.buckets import BucketRules, Placement, place, place_no_upscale
+from lorasmith.ops.cache.buckets import BucketRules, Placement, crop_ltrb, place, place_no_upscale
 from lorasmith.ops.cache.datasets import (
     ImageGroup,
     Settings,
@@ -51,6 +56,7 @@ from lorasmith.ops.cache.datasets import (
     folder_groups,
     load_dataset_config,
     parse_resolution,
+    refuse_metadata,
 )
 from lorasmith.ops.cache.families import LatentFamily, latent_family
 from lorasmith.progress import ProgressCallback, ProgressEvent, noop
@@ -341,6 +347,9 @@ def _plan(
 ) -> tuple[list[CacheItem], list[_Job]]:
     items: list[CacheItem] = []
     jobs: list[_Job] = []
+    groups = list(groups)
+    if family.musubi:
+        refuse_metadata(groups, family.arch, "musubi-tuner")
     for group in groups:
         s = group.settings
         if family.musubi and (s.flip or s.alpha_mask):
@@ -360,27 +369,36 @@ def _plan(
             s.bucket_no_upscale and s.enable_bucket,
         )
         resos = rules.resolutions()
-        for image in group.images:
+        for index, image in enumerate(group.images):
             try:
                 size = _image_size(image)
             except LorasmithError as exc:
                 items.append(CacheItem(image=str(image), status="failed", error=exc.message))
                 continue
-            if rules.no_upscale:
-                placement = place_no_upscale(size, rules, resos)
+            entry = group.entries[index] if group.entries else None
+            # sd-scripts' image_size: a fine-tuning entry's train_resolution, else the image's own size
+            nominal = entry.train_resolution if entry is not None and entry.train_resolution else size
+            if group.metadata_buckets:
+                # the metadata's buckets: an image whose size is a bucket keeps it, and each is its own
+                placement = place(nominal, [nominal])
+            elif rules.no_upscale:
+                placement = place_no_upscale(nominal, rules, resos)
                 if min(placement.bucket) == 0:
                     items.append(
                         CacheItem(
                             image=str(image),
                             status="failed",
-                            error=f"{image}: {size[0]}x{size[1]} is smaller than bucket_reso_steps "
+                            error=f"{image}: {nominal[0]}x{nominal[1]} is smaller than bucket_reso_steps "
                             f"{rules.bucket_reso_steps} on one side: no bucket_no_upscale bucket fits",
                         )
                     )
                     continue
             else:
-                placement = place(size, resos, keep_exact=not family.musubi)
-            target = cache_path(image, size, family, group.cache_dir)
+                placement = place(nominal, resos, keep_exact=not family.musubi)
+            if nominal != size:
+                # sd-scripts computes crop_ltrb from the bucket and the size of the image as loaded
+                placement = replace(placement, crop_ltrb=crop_ltrb(placement.bucket, size))
+            target = cache_path(image, nominal, family, group.cache_dir)
             item = CacheItem(image=str(image), cache=str(target), status="written", bucket=placement.bucket)
             items.append(item)
             latent_hw = (placement.bucket[1] // 8, placement.bucket[0] // 8)

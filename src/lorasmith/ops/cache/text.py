@@ -20,6 +20,9 @@ to it (or in the TOML's ``cache_directory``). The formats are sd-scripts' (``lib
 ``T`` is the T5 token length: 512 for FLUX dev, 256 for FLUX schnell and SD3 (``t5_max_length``). SDXL
 captions may be 150 or 225 tokens long (``max_token_length``): split into 77-token windows, encoded one by
 one and joined into ``(152 or 227, width)`` states as sd-scripts does (:func:`chunk_token_ids`).
+With ``weighted_captions`` SDXL captions are read with sd-scripts' attention syntax (``(word:1.3)``,
+:mod:`~lorasmith.ops.cache.weighting`) and each state is multiplied by its token's weight, as sd-scripts'
+weighted caching does (:func:`_encode_sdxl`).
 Tokens are padded to the full length (``padding="max_length"``, truncated); SDXL's and SD3's CLIP-G
 tokenizer pads with id 0, as sd-scripts sets it. The attention masks are only *applied* in the encoders
 when ``apply_t5_attn_mask`` / ``apply_lg_attn_mask`` ask for it (the trainers' flags of the same names;
@@ -30,7 +33,9 @@ Captions are those sd-scripts' DreamBooth dataset encodes (:func:`read_caption`)
 the image, its first line stripped (every non-empty line with ``enable_wildcard``; the face-crop name
 ``<name>_x_y_w_h`` also looks for ``<name><ext>``), else the subset's ``class_tokens`` (or those of a
 ``<repeats>_<class tokens>`` folder). For Z-Image the whole file, as musubi-tuner reads it, and no class
-tokens. Without an extension set, ``.caption`` then ``.txt`` are tried. A missing, empty or undecodable
+tokens. A fine-tuning subset's captions are its metadata file's ``caption`` and ``tags``, joined as
+sd-scripts joins them (:func:`~lorasmith.ops.cache.datasets.metadata_caption`); musubi-tuner has no such
+subsets. Without an extension set, ``.caption`` then ``.txt`` are tried. A missing, empty or undecodable
 caption is reported for that image and the run goes on. Dataset settings under which sd-scripts refuses to
 cache text-encoder outputs (``shuffle_caption``, caption dropout, token warm-up) stop the run first
 (:func:`~lorasmith.ops.cache.datasets.check_cacheable`).
@@ -61,7 +66,9 @@ from lorasmith.ops.cache.datasets import (
     check_max_token_length,
     folder_groups,
     load_dataset_config,
+    refuse_metadata,
 )
+from lorasmith.ops.cache.weighting import parse_attention, weighted_token_ids
 from lorasmith.progress import ProgressCallback, ProgressEvent, noop
 
 if TYPE_CHECKING:
@@ -180,8 +187,8 @@ class TextCacheItem(BaseModel):
     """One image, its caption and its cache file.
 
     :ivar image: the image file.
-    :ivar caption_file: the caption file read (``None`` when none was found, or the class tokens were
-        used).
+    :ivar caption_file: the caption file read, or a fine-tuning subset's metadata file (``None`` when none
+        was found, or the class tokens were used).
     :ivar caption: the caption encoded.
     :ivar from_class_tokens: the caption is the class tokens (no caption file; DreamBooth).
     :ivar cache: the cache file.
@@ -206,6 +213,8 @@ class TextCacheResult(BaseModel):
     :ivar encoders: slot -> where its weights came from.
     :ivar t5_max_length: the T5 token length (``None`` without T5).
     :ivar max_token_length: SDXL's caption length without BOS/EOS, 150 or 225 (``None``: 75).
+    :ivar weighted_captions: SDXL captions were read with the attention syntax and their token states
+        weighted (sd-scripts' ``--weighted_captions``).
     :ivar apply_t5_attn_mask: the T5 attention mask was applied.
     :ivar apply_lg_attn_mask: the CLIP attention masks were applied (SD3).
     :ivar images: images found.
@@ -220,6 +229,7 @@ class TextCacheResult(BaseModel):
     encoders: dict[str, str] = Field(default_factory=dict)
     t5_max_length: int | None = None
     max_token_length: int | None = None
+    weighted_captions: bool = False
     apply_t5_attn_mask: bool = False
     apply_lg_attn_mask: bool = False
     images: int
@@ -235,6 +245,7 @@ class _Options:
     apply_t5: bool
     apply_lg: bool
     max_token_length: int | None = None
+    weighted: bool = False
 
 
 @dataclass
@@ -549,6 +560,7 @@ def plan_text_jobs(
     first_line: bool = True,
     dreambooth: bool = True,
     mismatch: str = "settings",
+    check: Callable[[str], None] | None = None,
 ) -> tuple[list[TextCacheItem], list[TextJob]]:
     """Every image's report item, and the jobs to run: captions read (a missing one fails that image),
     existing caches checked with ``valid`` (given all of them at once, so a check may batch its work) and
@@ -558,29 +570,48 @@ def plan_text_jobs(
     :param dreambooth: sd-scripts' DreamBooth caption rules: class tokens for an image without caption
         file, face-crop caption names, ``enable_wildcard``.
     :param mismatch: what an invalid cache does not match, for its message.
+    :param check: raises a :class:`~lorasmith.errors.LorasmithError` for a caption that cannot be encoded
+        (that image fails, named with its caption file).
     """
     items: list[TextCacheItem] = []
     ready: list[TextJob] = []
     for group in groups:
         ext = group.settings.caption_extension
         extensions = (ext,) if ext else _DEFAULT_CAPTION_EXTENSIONS
-        for image in group.images:
+        for index, image in enumerate(group.images):
             target = text_cache_path(image, family, group.cache_dir)
             item = TextCacheItem(image=str(image), cache=str(target), status="written")
             items.append(item)
             s = group.settings
-            try:
-                caption_file, caption = read_caption(
-                    image,
-                    extensions,
-                    first_line=first_line,
-                    class_tokens=s.class_tokens if dreambooth else None,
-                    face_crop_names=dreambooth,
-                    wildcard=dreambooth and s.enable_wildcard,
-                )
-            except LorasmithError as exc:
-                item.status, item.error = "failed", exc.message
-                continue
+            entry = group.entries[index] if group.entries else None
+            if entry is not None:
+                # a fine-tuning subset: the caption sd-scripts built from the metadata file
+                caption_file, caption = group.metadata_file, entry.caption
+                where = f"{group.metadata_file} [{entry.key!r}]"
+                if not caption:
+                    item.status = "failed"
+                    item.error = f"{where}: no caption and no tags (sd-scripts would encode an empty caption)"
+                    continue
+            else:
+                try:
+                    caption_file, caption = read_caption(
+                        image,
+                        extensions,
+                        first_line=first_line,
+                        class_tokens=s.class_tokens if dreambooth else None,
+                        face_crop_names=dreambooth,
+                        wildcard=dreambooth and s.enable_wildcard,
+                    )
+                except LorasmithError as exc:
+                    item.status, item.error = "failed", exc.message
+                    continue
+                where = str(caption_file or image)
+            if check is not None:
+                try:
+                    check(caption)
+                except LorasmithError as exc:
+                    item.status, item.error = "failed", f"{where}: {exc.message}"
+                    continue
             item.caption_file = None if caption_file is None else str(caption_file)
             item.caption, item.from_class_tokens = caption, caption_file is None
             ready.append(TextJob(image, target, caption, item))
@@ -668,15 +699,69 @@ def chunk_token_ids(ids: Sequence[int], window: int, eos: int, pad: int) -> list
     return windows
 
 
-def _long_tokens(enc: _Encoders, slot: str, captions: list[str], max_token_length: int, window: int) -> Any:
-    """Token windows ``(B * n, window)`` of captions ``max_token_length`` tokens long (n per caption)."""
+def _windows(enc: _Encoders, slot: str, ids: torch.Tensor, window: int) -> torch.Tensor:
+    """Token windows ``(B * n, window)`` of ids ``(B, n * (window - 2) + 2)`` (n per caption)."""
     import torch
 
-    ids, _ = _tokens(enc, slot, captions, max_token_length + 2)
     tok = enc.tokenizers[slot]
     pad = enc.pad_ids.get(slot, tok.pad_token_id)
     rows = [w for row in ids.tolist() for w in chunk_token_ids(row, window, tok.eos_token_id, pad)]
     return torch.tensor(rows, dtype=ids.dtype)
+
+
+def _weighted_tokens(
+    enc: _Encoders, slot: str, captions: list[str], length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids ``(B, length)`` and float32 weights ``(B, length)`` of weighted captions (sd-scripts'
+    ``_get_weighted_input_ids``: every piece of the attention syntax tokenized on its own)."""
+    import torch
+
+    tok = enc.tokenizers[slot]
+    pad = enc.pad_ids.get(slot, tok.pad_token_id)
+
+    def tokenize(pieces: list[str]) -> Any:
+        # verbose=False: a long piece is cut afterwards, not warned about by transformers
+        return tok(pieces, add_special_tokens=False, verbose=False)["input_ids"]
+
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    rows = [weighted_token_ids(c, tokenize, length, bos, eos, pad) for c in captions]
+    ids = torch.tensor([r[0] for r in rows], dtype=torch.int64)
+    # float32, as sd-scripts builds its weight tensor from Python floats
+    return ids, torch.tensor([r[1] for r in rows], dtype=torch.float32)
+
+
+def _encode_sdxl(
+    enc: _Encoders, captions: list[str], opts: _Options, clip_len: int, host: Callable[[Any], np.ndarray]
+) -> dict[str, np.ndarray]:
+    """SDXL's ``hidden_state1``, ``hidden_state2`` and ``pool2`` of a batch, as sd-scripts computes them.
+
+    Long captions (``max_token_length``) are split into windows, encoded one by one and joined; ``pool2``
+    is the first window's. Weighted captions (sd-scripts' ``encode_tokens_with_weights``) multiply each
+    joined state by its token's weight (1 on BOS, EOS and padding); ``pool2`` is not weighted, and no
+    mean is restored (the SD1 weighting of ``custom_train_functions`` does that, SDXL's does not).
+    """
+    batch = len(captions)
+    long = opts.max_token_length is not None
+    length = opts.max_token_length + 2 if opts.max_token_length else clip_len
+    out: dict[str, np.ndarray] = {}
+    for slot, key in (("clip_l", "hidden_state1"), ("clip_g", "hidden_state2")):
+        if opts.weighted:
+            ids, weights = _weighted_tokens(enc, slot, captions, length)
+        else:
+            ids, _ = _tokens(enc, slot, captions, length)
+        states, _, pooled = _clip(enc, slot, _windows(enc, slot, ids, clip_len) if long else ids, None)
+        if long:
+            states = _join_windows(states, batch, clip_len)
+        if opts.weighted:
+            # joined state p belongs to token p of the caption, so one product covers both layouts. The
+            # float32 weights promote a half-precision product to float32; sd-scripts keeps that for 77
+            # tokens and writes it back into the half-precision states for 150 / 225.
+            weighted = states * weights.to(states.device)[:, :, None]
+            states = weighted.to(states.dtype) if long else weighted
+        out[key] = host(states)
+        if slot == "clip_g":
+            out["pool2"] = host(pooled.reshape(batch, -1, pooled.shape[-1])[:, 0])
+    return out
 
 
 def _join_windows(states: torch.Tensor, batch: int, window: int) -> torch.Tensor:
@@ -733,25 +818,8 @@ def _encode(
 
     out: dict[str, Any] = {}
     with torch.no_grad():
-        if family.arch == "sdxl" and opts.max_token_length:
-            # sd-scripts: every window encoded on its own, the states joined, pool2 from the first window
-            n_tok = opts.max_token_length
-            ids1 = _long_tokens(enc, "clip_l", captions, n_tok, clip_len)
-            ids2 = _long_tokens(enc, "clip_g", captions, n_tok, clip_len)
-            h1, _, _ = _clip(enc, "clip_l", ids1, None)
-            h2, _, pool2 = _clip(enc, "clip_g", ids2, None)
-            batch = len(captions)
-            out = {
-                "hidden_state1": host(_join_windows(h1, batch, clip_len)),
-                "hidden_state2": host(_join_windows(h2, batch, clip_len)),
-                "pool2": host(pool2.reshape(batch, -1, pool2.shape[-1])[:, 0]),
-            }
-        elif family.arch == "sdxl":
-            ids1, _ = _tokens(enc, "clip_l", captions, clip_len)
-            ids2, _ = _tokens(enc, "clip_g", captions, clip_len)
-            h1, _, _ = _clip(enc, "clip_l", ids1, None)
-            h2, _, pool2 = _clip(enc, "clip_g", ids2, None)
-            out = {"hidden_state1": host(h1), "hidden_state2": host(h2), "pool2": host(pool2)}
+        if family.arch == "sdxl":
+            out = _encode_sdxl(enc, captions, opts, clip_len, host)
         elif family.arch == "flux":
             assert opts.t5_length is not None
             ids_l, _ = _tokens(enc, "clip_l", captions, clip_len)
@@ -843,6 +911,7 @@ def cache_text(
     batch_size: int = 8,
     t5_max_length: int | None = None,
     max_token_length: int | None = None,
+    weighted_captions: bool = False,
     apply_t5_attn_mask: bool = False,
     apply_lg_attn_mask: bool = False,
     skip_existing: bool = True,
@@ -866,9 +935,14 @@ def cache_text(
     :param max_token_length: SDXL caption tokens without BOS/EOS: ``None`` or 75 (one 77-token window),
         150 or 225 (two or three windows, encoded and joined as sd-scripts does); a dataset TOML's
         ``max_token_length`` may set it too (one value per run).
+    :param weighted_captions: read SDXL captions with sd-scripts' attention syntax (``(word)``,
+        ``(word:1.3)``, ``[word]``) and weight their token states as its ``--weighted_captions`` does; a
+        dataset TOML's ``weighted_captions`` may set it too (one value per run). Refused for the other
+        families, whose trainers do not weight captions.
     :param dtype: encoder compute dtype; bfloat16 outputs are saved as float32 in the sd-scripts
         formats, as they are (``varlen_llm_embed_bfloat16``) in Z-Image's.
-    :raises UsageError: bad option values, a missing encoder or tokenizer.
+    :raises UsageError: bad option values, a missing encoder or tokenizer, weighted captions for a family
+        other than SDXL.
     :raises NotAvailableError: the ``cache`` extra is not installed.
     :raises InvalidFileError: unreadable model, encoder, tokenizer, dataset folder or config.
     """
@@ -895,6 +969,25 @@ def cache_text(
         raise UsageError("--apply-lg-attn-mask is an SD3 option")
     option_mtl = check_max_token_length(max_token_length)
     _run_max_token_length(family, [], option_mtl, max_token_length is not None)  # fail early
+    _run_weighted(family, [], weighted_captions)
+    # the dataset settings first: a setting the trainer refuses stops the run before any file is read
+    ext = caption_extension or ""
+    # sd-scripts accepts "txt" for ".txt"
+    ext = ext if not ext or ext.startswith(".") else "." + ext
+    defaults = Settings(
+        (1024, 1024), caption_extension=ext, max_token_length=option_mtl, weighted_captions=weighted_captions
+    )
+    groups = _groups(
+        Path(dataset) if dataset is not None else None,
+        Path(dataset_config) if dataset_config is not None else None,
+        defaults,
+    )
+    check_cacheable(groups, "text")
+    if family.arch == "zimage":
+        refuse_metadata(groups, family.arch, "musubi-tuner")
+    mtl = _run_max_token_length(family, groups, option_mtl, max_token_length is not None)
+    weighted = _run_weighted(family, groups, weighted_captions)
+    opts = _Options(t5_len, apply_t5_attn_mask, apply_lg_attn_mask, mtl, weighted)
     te_paths = [Path(p) for p in text_encoders]
     # Z-Image's single Qwen3 is found (and its absence reported) by its own module, after the tokenizer
     sources = {} if family.arch == "zimage" else _assign_sources(family, model_path, te_paths)
@@ -907,18 +1000,6 @@ def cache_text(
                 f"{family.arch}: no tokenizer for {slot.name}",
                 hint=f"pass {_option(i)} DIR: a local folder with {slot.tokenizer_hint} (never downloaded)",
             )
-    ext = caption_extension or ""
-    # sd-scripts accepts "txt" for ".txt"
-    ext = ext if not ext or ext.startswith(".") else "." + ext
-    defaults = Settings((1024, 1024), caption_extension=ext, max_token_length=option_mtl)
-    groups = _groups(
-        Path(dataset) if dataset is not None else None,
-        Path(dataset_config) if dataset_config is not None else None,
-        defaults,
-    )
-    check_cacheable(groups, "text")
-    mtl = _run_max_token_length(family, groups, option_mtl, max_token_length is not None)
-    opts = _Options(t5_len, apply_t5_attn_mask, apply_lg_attn_mask, mtl)
     if family.arch == "zimage":
         from lorasmith.ops.cache._text_zimage import cache_zimage_text
 
@@ -945,6 +1026,7 @@ def cache_text(
         lambda existing: [bool(_valid(j.cache, expected, flags)) for j in existing],
         skip_existing,
         overwrite,
+        check=_check_weighted if weighted else None,
     )
     total = len(items)
     done = total - len(jobs)
@@ -967,6 +1049,7 @@ def cache_text(
         encoders={name: src.describe() for name, src in sources.items()},
         t5_max_length=t5_len,
         max_token_length=mtl,
+        weighted_captions=weighted,
         apply_t5_attn_mask=apply_t5_attn_mask,
         apply_lg_attn_mask=apply_lg_attn_mask,
         images=total,
@@ -1012,6 +1095,49 @@ def _run_max_token_length(
             hint=f"drop it: sd-scripts encodes {family.arch}'s CLIP captions in 77 tokens whatever it says",
         )
     return value
+
+
+def _run_weighted(family: TextFamily, groups: Sequence[ImageGroup], option: bool) -> bool:
+    """The run's ``weighted_captions``: the option's, or the dataset TOML's (one value for every dataset,
+    as sd-scripts takes ``--weighted_captions`` from the command line).
+
+    :raises UsageError: datasets that disagree, a TOML ``false`` against the option, or weighted captions
+        for a family whose trainer does not weight them.
+    """
+    values = {g.settings.weighted_captions for g in groups}
+    if len(values) > 1:
+        places = sorted({o for g in groups if (o := g.settings.origin("weighted_captions")) is not None})
+        raise UsageError(
+            f"weighted_captions differs between datasets ({', '.join(places)})",
+            hint="sd-scripts weights the captions of a whole run or of none: set it once, in [general]",
+        )
+    value = values.pop() if values else option
+    if option and not value:
+        raise UsageError(
+            f"{_origin(groups, 'weighted_captions')}: weighted_captions = false contradicts "
+            "--weighted-captions",
+            hint="drop one of them",
+        )
+    if value and family.arch != "sdxl":
+        where = _origin(groups, "weighted_captions") or "--weighted-captions"
+        trainer = "musubi-tuner" if family.arch == "zimage" else "sd-scripts"
+        raise UsageError(
+            f"{where}: weighted captions apply to SDXL only; {trainer} does not weight "
+            f"{family.arch} captions",
+            hint="drop it: without it lorasmith caches the caption as written, brackets included, which is "
+            f"what {trainer} encodes",
+        )
+    return value
+
+
+def _check_weighted(caption: str) -> None:
+    """Refuse a weighted caption that sd-scripts cannot parse (a weight that is not a number)."""
+    try:
+        parse_attention(caption)
+    except ValueError as exc:
+        raise InvalidFileError(
+            f"weighted caption: {exc}", hint="write the weight as a number, e.g. (word:1.2)"
+        ) from None
 
 
 def _save(path: Path, arrays: dict[str, Any]) -> None:
