@@ -24,9 +24,24 @@ PAGE = Path(__file__).resolve().parent.parent / "docs" / "plugins" / "reference.
 #: Methods of Architecture a plugin overrides or calls (private ones a plugin is meant to override too).
 OVERRIDABLE = ("_build_aliases", "_refine_variant")
 #: Data classes a plugin builds or reads.
-DATA_CLASSES = (base.Alias, base.Target, base.Inventory, base.TensorSpec, base.Detection, base.Spelling)
+DATA_CLASSES = (
+    base.Alias,
+    base.Target,
+    base.Inventory,
+    base.TensorSpec,
+    base.Detection,
+    base.Spelling,
+    base.NameBound,
+)
 #: Helpers of lorasmith.archs.base a plugin uses.
-HELPERS = ("kohya_name", "strip_weight", "lora_modules", "split_lora_key", "load_packaged_inventory")
+HELPERS = (
+    "kohya_name",
+    "strip_weight",
+    "lora_modules",
+    "split_lora_key",
+    "load_packaged_inventory",
+    "name_prefixes",
+)
 #: What a family declares about its separate component files (lorasmith.archs.parts).
 PART_CLASSES = (parts.PartSlot, parts.PartKind, parts.PartForm)
 PART_HELPERS = ("diffusion_model_slot", "text_encoder_slot", "inventory_tensors", "detect_part")

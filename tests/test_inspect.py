@@ -159,3 +159,25 @@ def test_bad_files_exit_1_with_one_line(tmp_path: Path) -> None:
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
         assert lines[0].startswith("error: ") and "Traceback" not in proc.stderr, (name, proc.stderr)
         assert len(lines) <= 2
+
+
+def test_modules_of_one_shape_share_their_analysis_but_not_their_errors(tmp_path: Path) -> None:
+    import torch
+
+    tensors = {}
+    for i in range(3):  # three valid modules of one signature, and two invalid ones of another
+        tensors[f"lora_unet_m{i}.lora_down.weight"] = torch.zeros(4, 8)
+        tensors[f"lora_unet_m{i}.lora_up.weight"] = torch.zeros(8, 4)
+    for i in range(2):
+        tensors[f"lora_unet_bad{i}.lora_down.weight"] = torch.zeros(4, 8)
+        tensors[f"lora_unet_bad{i}.lora_up.weight"] = torch.zeros(8, 3)  # rank 3 against 4
+    path = tmp_path / "lora.safetensors"
+    save_file(tensors, path)
+    r = inspect_file(path, keys=True, arch="sdxl")
+    assert r.modules is not None
+    rows = {m.name: m for m in r.modules}
+    good = [rows[f"lora_unet_m{i}"] for i in range(3)]
+    assert [(m.algo, m.rank) for m in good] == [("lora", 4)] * 3
+    assert [rows[f"lora_unet_bad{i}"].algo for i in range(2)] == ["invalid", "invalid"]
+    for i in range(2):  # each invalid module is reported under its own name
+        assert any(f"lora_unet_bad{i}" in w for w in r.warnings), r.warnings

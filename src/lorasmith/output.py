@@ -2,6 +2,9 @@
 
 Results go to stdout; progress, warnings and errors go to stderr. Commands build a pydantic result with
 an ops function and hand it to :func:`emit` together with a renderer for the human mode.
+
+rich is imported on first use of a console (:data:`stdout`, :data:`stderr`, :func:`warn`, the human mode
+of :func:`emit`): ``--json`` runs and error reports never pay for it.
 """
 
 from __future__ import annotations
@@ -11,17 +14,39 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
-
-from pydantic import BaseModel
-from rich.console import Console
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from lorasmith.errors import LorasmithError
 
-T = TypeVar("T", bound=BaseModel)
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+    from rich.console import Console
 
-stdout = Console(soft_wrap=True, highlight=False)
-stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+    #: The console results are printed on (created on first use).
+    stdout: Console
+    #: The console warnings go to (created on first use).
+    stderr: Console
+
+T = TypeVar("T", bound="BaseModel")
+
+_CONSOLES: dict[str, Console] = {}
+
+
+def console(name: str = "stdout") -> Console:
+    """The shared rich console ``stdout`` or ``stderr`` (built, and rich imported, on first use)."""
+    found = _CONSOLES.get(name)
+    if found is None:
+        from rich.console import Console
+
+        found = _CONSOLES[name] = Console(stderr=name == "stderr", soft_wrap=True, highlight=False)
+    return found
+
+
+def __getattr__(name: str) -> Any:
+    """``output.stdout`` and ``output.stderr``: the consoles of :func:`console`."""
+    if name in ("stdout", "stderr"):
+        return console(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def emit(result: T | Sequence[T], as_json: bool, render: Callable[[Console, T], None]) -> None:
@@ -34,15 +59,16 @@ def emit(result: T | Sequence[T], as_json: bool, render: Callable[[Console, T], 
         sys.stdout.write(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
         sys.stdout.flush()
         return
+    out = console("stdout")
     for i, item in enumerate(items):
         if i:
-            stdout.print()
-        render(stdout, item)
+            out.print()
+        render(out, item)
 
 
 def warn(message: str) -> None:
     """A warning line on stderr."""
-    stderr.print(f"[yellow]warning:[/] {message}", markup=True)
+    console("stderr").print(f"[yellow]warning:[/] {message}", markup=True)
 
 
 def report_error(exc: LorasmithError) -> None:

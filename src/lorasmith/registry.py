@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, cast
 import pluggy
 
 from lorasmith import hookspecs
-from lorasmith.archs.base import Architecture, Detection, KeyView
+from lorasmith.archs.base import Architecture, Detection, KeyView, lora_modules, split_lora_key
 from lorasmith.errors import DetectionError, PluginError, UnknownArchError
 
 if TYPE_CHECKING:
@@ -180,8 +180,9 @@ class Registry:
     def check_extra_aliases(self) -> None:
         """Build the alias tables of every family that got extra aliases, so that a conflict is reported now.
 
-        Why: an alias conflict would otherwise surface only when a LoRA of that family is read, far from its
-        cause; building those tables costs about 0.1 s. :func:`get_registry` calls it.
+        ``lorasmith plugins`` (:func:`lorasmith.ops.plugins.list_plugins`) calls it. Other commands do not:
+        building those tables costs tens of milliseconds per process, and a conflict still surfaces as a
+        :class:`PluginError` naming the plugin as soon as a file of that family needs the table.
 
         :raises PluginError: naming the plugin(s) whose aliases conflict and how to block them.
         """
@@ -238,22 +239,54 @@ class Registry:
             out.append(PluginInfo(name=name, source=source, version=version, families=fams))
         return out
 
+    def _detect_one(self, arch_id: str, arch: Architecture, view: KeyView) -> Detection | None:
+        """``arch.detect(view)``; a failure of plugin code becomes a :class:`PluginError` naming it."""
+        try:
+            det = arch.detect(view)
+        except PluginError:
+            raise
+        except Exception as exc:
+            raise PluginError(
+                f"family {arch_id!r} (plugin {self._owner[arch_id]!r}) failed in detect: "
+                f"{type(exc).__name__}: {exc}",
+                hint=f"block it with LORASMITH_BLOCK_PLUGINS={self._owner[arch_id]}",
+            ) from None
+        return det if det is not None and det.score > 0 else None
+
     def detect_all(self, view: KeyView) -> list[Detection]:
-        """Every family's detection of ``view`` with a positive score, best first (ties by id)."""
+        """Every family's detection of ``view`` with a positive score, best first (ties by id).
+
+        Scores every family in full (building every table); :meth:`detect` skips the families that cannot
+        change its answer.
+        """
+        found = [d for a, arch in self._archs.items() if (d := self._detect_one(a, arch, view)) is not None]
+        found.sort(key=lambda d: (-d.score, -d.matched, d.arch))
+        return found
+
+    def detect_candidates(self, view: KeyView) -> list[Detection]:
+        """The detections that decide :meth:`detect`, best first: :meth:`detect_all` less the families
+        whose name bound shows they match nothing, or score below the best one by more than a tie.
+
+        Why: a family's tables cost up to tens of milliseconds to build, and one process inspects one file;
+        an SDXL LoRA must not pay for the FLUX.1, SD3 and Z-Image tables. Each family's
+        :meth:`~lorasmith.archs.base.Architecture.name_bound` (prefix tests, no tables) is an upper bound
+        of its score; families are scored most promising first, and one whose bound is below the best
+        score found (less :data:`TIE_MARGIN`) could neither win nor tie, so it is skipped. The best
+        detection and the ties are those of :meth:`detect_all`.
+        """
+        modules = list(lora_modules(view.tensors))
+        keys = [k for k in view.tensors if split_lora_key(k) is None]
+        bounds = [(arch_id, arch, arch.name_bound(modules, keys)) for arch_id, arch in self._archs.items()]
+        bounds.sort(key=lambda t: -t[2].score)  # stable: registration order among equals
         found: list[Detection] = []
-        for arch_id, arch in self._archs.items():
-            try:
-                det = arch.detect(view)
-            except PluginError:
-                raise
-            except Exception as exc:
-                raise PluginError(
-                    f"family {arch_id!r} (plugin {self._owner[arch_id]!r}) failed in detect: "
-                    f"{type(exc).__name__}: {exc}",
-                    hint=f"block it with LORASMITH_BLOCK_PLUGINS={self._owner[arch_id]}",
-                ) from None
-            if det is not None and det.score > 0:
+        best = 0.0
+        for arch_id, arch, bound in bounds:
+            if bound.score <= 0 or (found and bound.score < best - TIE_MARGIN):
+                break  # sorted: no later family can do better
+            det = self._detect_one(arch_id, arch, view)
+            if det is not None:
                 found.append(det)
+                best = max(best, det.score)
         found.sort(key=lambda d: (-d.score, -d.matched, d.arch))
         return found
 
@@ -268,7 +301,7 @@ class Registry:
             if det is None:
                 return Detection(arch, 0.0, "unknown", None, None, (), f"forced with --arch {arch}")
             return det
-        found = self.detect_all(view)
+        found = self.detect_candidates(view)
         if not found:
             raise DetectionError(
                 f"{source}: no known family matches its keys",
@@ -292,9 +325,7 @@ def get_registry() -> Registry:
     """The process-wide registry (built on first use)."""
     global _REGISTRY
     if _REGISTRY is None:
-        registry = Registry()
-        registry.check_extra_aliases()
-        _REGISTRY = registry
+        _REGISTRY = Registry()
     return _REGISTRY
 
 

@@ -169,8 +169,8 @@ def test_broken_part_declarations_name_the_plugin(
 @pytest.mark.skipif(
     importlib.util.find_spec("lorasmith_qwenimage") is None, reason="example plugin not installed"
 )
-def test_example_plugin_is_listed_without_parts() -> None:
+def test_example_plugin_is_listed_with_its_transformer_part() -> None:
     reg = Registry(autoload=True)
     fams = _families(reg)
     assert fams["qwenimage"].plugin == "qwenimage"
-    assert fams["qwenimage"].parts == []
+    assert [p.name for p in fams["qwenimage"].parts] == ["transformer"]

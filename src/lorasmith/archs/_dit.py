@@ -103,6 +103,14 @@ def te_aliases(encoder: TextEncoder) -> tuple[Alias, ...]:
     return tuple(out)
 
 
+def te_lora_prefixes(encoders: Iterable[TextEncoder]) -> tuple[str, ...]:
+    """Every name prefix of the ``encoders``' aliases (for :attr:`Architecture.lora_prefixes`)."""
+    out: list[str] = []
+    for te in encoders:
+        out += [prefix for _spelling, prefix in (*te.underscored, *te.dotted)]
+    return tuple(dict.fromkeys(out))
+
+
 # --------------------------------------------------------------------------------------------- slices
 def equal_row_slices(rows: int, parts: int) -> list[tuple[int, int, int]]:
     """Row slices ``(0, start, length)`` cutting ``rows`` into ``parts`` equal blocks (fused q/k/v)."""
@@ -159,8 +167,8 @@ class DiTArchitecture(Architecture):
     """Common behaviour of the DiT families; subclasses implement :meth:`_generate_aliases`.
 
     Beyond the base contract it offers :meth:`spelling_table` (the full name table of one spelling, also
-    the names it shares with another spelling), :meth:`text_encoder_modules` (the canonical text-encoder
-    weights its TE aliases target) and :meth:`target_spec` (shape of any alias target).
+    the names it shares with another spelling) and :meth:`text_encoder_modules` (the canonical text-encoder
+    weights its TE aliases target), which :meth:`target_spec` also searches.
     """
 
     #: Text encoders whose aliases every variant of the family carries.
@@ -189,6 +197,11 @@ class DiTArchitecture(Architecture):
 
     def _build_aliases(self, variant: str) -> Iterable[Alias]:
         return self._alias_list(variant)
+
+    def built_alias_tables(self) -> tuple[str, ...]:
+        """As the base class, also counting the alias lists :meth:`spelling_table` builds."""
+        built = set(super().built_alias_tables()) | set(self._alias_lists)
+        return tuple(v for v in self.variants if v in built)
 
     def spelling_table(self, variant: str | None = None, spelling: str | None = None) -> Mapping[str, Alias]:
         """Name -> alias of one spelling (default: the family's default), names shared with others included.
@@ -258,10 +271,14 @@ class DiTArchitecture(Architecture):
         return self._te_modules
 
     def target_spec(self, key: str, variant: str | None = None) -> TensorSpec | None:
-        """Shape and dtype of a canonical key: the variant's inventory, then the text encoders."""
+        """Shape and dtype of the real weight a canonical key names: the variant's canonical inventory,
+        then the text-encoder tables (:meth:`text_encoder_modules`), then as the base class (the other
+        inventories and the parts)."""
         spec = self.modules(variant).get(key)
         if spec is None:
             spec = self.text_encoder_modules().get(key)
+        if spec is None:
+            spec = super().target_spec(key, variant)
         return spec
 
     def _lora_targets(self, view: KeyView) -> dict[str, Alias]:

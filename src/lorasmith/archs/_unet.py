@@ -28,6 +28,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import cache
+from math import gcd
 from types import MappingProxyType
 from typing import ClassVar, Literal
 
@@ -44,6 +45,7 @@ from lorasmith.archs.base import (
     TensorLike,
     TensorSpec,
     lora_modules,
+    name_prefixes,
     strip_weight,
 )
 from lorasmith.archs.parts import PartSlot
@@ -58,6 +60,58 @@ VAE4_SLOT = PartSlot("vae", "vae4", "first_stage_model.", "vae.safetensors", gro
 #: Dimensions that are multiples of this are the ones model widths are built from (and the ones the test
 #: fixtures shrink); only they take part in the scale check.
 WIDTH_QUANTUM = 64
+
+#: First segments of UNet module paths in the diffusers tree (SDXL's ``add_embedding`` included) ...
+UNET_DIFFUSERS_HEADS: tuple[str, ...] = (
+    "down_blocks.",
+    "mid_block.",
+    "up_blocks.",
+    "conv_in",
+    "conv_out",
+    "conv_norm_out",
+    "time_embedding.",
+    "add_embedding.",
+)
+#: ... and in the ldm/sgm tree (SDXL's ``label_emb`` included): the heads of the UNet families' name bounds
+#: (:attr:`~lorasmith.archs.base.Architecture.lora_prefixes`, ``key_prefixes``).
+UNET_LDM_HEADS: tuple[str, ...] = (
+    "input_blocks.",
+    "middle_block.",
+    "output_blocks.",
+    "out.",
+    "time_embed.",
+    "label_emb.",
+)
+#: Top-level keys of an ldm VAE (``first_stage_model.`` removed).
+VAE_HEADS: tuple[str, ...] = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+#: The diffusion schedule buffers of ldm single files (SD1, SD2), stored as top-level keys.
+LDM_SCHEDULE_KEYS: tuple[str, ...] = (
+    "betas",
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+)
+
+
+def unet_lora_prefixes(text_encoders: tuple[str, ...]) -> tuple[str, ...]:
+    """The :attr:`~lorasmith.archs.base.Architecture.lora_prefixes` of a UNet family: its UNet spellings
+    over both trees (kohya, kohya-ldm/-diffusers, peft, comfy, lycoris) and the ``text_encoders`` prefixes."""
+    return (
+        name_prefixes(("lora_unet_", "lycoris_"), UNET_DIFFUSERS_HEADS, kohya=True)
+        + name_prefixes(("unet.",), UNET_DIFFUSERS_HEADS)
+        + name_prefixes(("lora_unet_",), UNET_LDM_HEADS, kohya=True)
+        + name_prefixes(("diffusion_model.",), UNET_LDM_HEADS)
+        + text_encoders
+    )
+
 
 #: Other spellings of block labels -> the label this project uses.
 BLOCK_SYNONYMS: Mapping[str, str] = MappingProxyType({"MID": "M00", "M0": "M00", "MID00": "M00", "M": "M00"})
@@ -387,26 +441,33 @@ def fit_shapes(items: Iterable[Sequence[tuple[int, int]] | None]) -> ShapeFit:
     like 77 stay as they are. The common scale is the ratio most widths agree on; a key or module with any
     width off that ratio is counted in :attr:`ShapeFit.off_scale`.
     """
-    groups: list[list[Fraction]] = []
+    # ratios as reduced (numerator, denominator) pairs: equal exactly when the fractions are, and a
+    # detection compares thousands of them (Fraction objects cost ten times more)
+    groups: list[list[tuple[int, int]]] = []
     resolved = ndim_mismatch = 0
     for pairs in items:
         resolved += 1
         if pairs is None:
             ndim_mismatch += 1
             continue
-        groups.append([Fraction(f, c) for f, c in pairs if c > 0 and f > 0 and c % WIDTH_QUANTUM == 0])
-    votes: Counter[Fraction] = Counter(r for g in groups for r in g)
+        ratios = []
+        for f, c in pairs:
+            if c > 0 and f > 0 and c % WIDTH_QUANTUM == 0:
+                g = gcd(f, c)
+                ratios.append((f // g, c // g))
+        groups.append(ratios)
+    votes: Counter[tuple[int, int]] = Counter(r for g in groups for r in g)
     if not votes:
         return ShapeFit(resolved, 0, ndim_mismatch, None)
 
-    def _vote(kv: tuple[Fraction, int]) -> tuple[int, bool, Fraction]:
-        s = kv[0]
-        pow2 = s.numerator & (s.numerator - 1) == 0 and s.denominator & (s.denominator - 1) == 0
-        return (kv[1], pow2, -abs(s - 1))
+    def _vote(kv: tuple[tuple[int, int], int]) -> tuple[int, bool, Fraction]:
+        (n, d), count = kv
+        pow2 = n & (n - 1) == 0 and d & (d - 1) == 0
+        return (count, pow2, -abs(Fraction(n, d) - 1))
 
     scale = max(votes.items(), key=_vote)[0]
     off = sum(1 for g in groups if any(r != scale for r in g))
-    return ShapeFit(resolved, off, ndim_mismatch, scale)
+    return ShapeFit(resolved, off, ndim_mismatch, Fraction(*scale))
 
 
 # suffix -> which dim of that tensor is the module's input (in) or output (out) width

@@ -19,7 +19,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from importlib import resources
@@ -209,6 +209,39 @@ class Alias:
 
 
 @dataclass(frozen=True)
+class NameBound:
+    """How much of a file a family could recognise, from names alone (:meth:`Architecture.name_bound`).
+
+    An upper bound, cheap to compute: the family's detection never counts more. The registry uses it to
+    skip families that cannot match a file, or cannot reach the score of a family already scored, without
+    building their tables.
+
+    :ivar lora: LoRA modules of the file whose names the family could know.
+    :ivar lora_total: LoRA modules of the file.
+    :ivar checkpoint: other tensors of the file whose keys the family could know.
+    :ivar checkpoint_total: other tensors of the file.
+    """
+
+    lora: int
+    lora_total: int
+    checkpoint: int
+    checkpoint_total: int
+
+    @property
+    def matched(self) -> int:
+        """The most modules and tensors a detection could match."""
+        return self.lora + self.checkpoint
+
+    @property
+    def score(self) -> float:
+        """The highest score a detection could have (a LoRA, checkpoint or ``mixed`` detection's score is
+        never above the larger of the two fractions)."""
+        lora = self.lora / self.lora_total if self.lora_total else 0.0
+        ckpt = self.checkpoint / self.checkpoint_total if self.checkpoint_total else 0.0
+        return max(lora, ckpt)
+
+
+@dataclass(frozen=True)
 class Detection:
     """The result of :meth:`Architecture.detect`.
 
@@ -326,11 +359,31 @@ def lora_modules(keys: Iterable[str]) -> dict[str, dict[str, str]]:
     return out
 
 
+_INVENTORIES: dict[tuple[str, str], Inventory] = {}
+
+
 def load_packaged_inventory(package: str, stem: str) -> Inventory:
-    """Load ``<stem>.json.gz`` from the ``data`` folder of ``package`` (a plugin's own package)."""
-    ref = resources.files(package).joinpath("data").joinpath(f"{stem}.json.gz")
-    with ref.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as fh:
-        return Inventory.from_json(json.load(fh))
+    """Load ``<stem>.json.gz`` from the ``data`` folder of ``package`` (a plugin's own package).
+
+    Loaded once per process and shared (treat the result as read-only): one file serves several users,
+    e.g. the SD3 Medium file holds SD3's canonical keys, the FLUX.1/SD3 text-encoder targets and three
+    part kinds, and parsing it costs milliseconds each time.
+    """
+    found = _INVENTORIES.get((package, stem))
+    if found is None:
+        ref = resources.files(package).joinpath("data").joinpath(f"{stem}.json.gz")
+        with ref.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as fh:
+            found = _INVENTORIES[(package, stem)] = Inventory.from_json(json.load(fh))
+    return found
+
+
+def loaded_inventories() -> list[tuple[str, str]]:
+    """``(package, stem)`` of every packaged inventory loaded so far in this process, in load order.
+
+    For tests and benchmarks that check what a command needed (detecting an SDXL file must not load the
+    FLUX.1 inventories).
+    """
+    return list(_INVENTORIES)
 
 
 def load_packaged_json(package: str, stem: str) -> dict[str, Any]:
@@ -344,6 +397,17 @@ def load_packaged_json(package: str, stem: str) -> dict[str, Any]:
 def kohya_name(prefix: str, path: str) -> str:
     """The kohya rule: ``prefix`` + module path with ``.`` replaced by ``_``."""
     return prefix + path.replace(".", "_")
+
+
+def name_prefixes(prefixes: Iterable[str], heads: Iterable[str], *, kohya: bool = False) -> tuple[str, ...]:
+    """Every ``prefix + head`` (with ``.`` -> ``_`` in the head when ``kohya``): the
+    :attr:`Architecture.lora_prefixes` of names built by one rule over module paths starting with ``heads``.
+
+    ``name_prefixes(("lora_unet_",), ("double_blocks.", "img_in"), kohya=True)`` ->
+    ``("lora_unet_double_blocks_", "lora_unet_img_in")``.
+    """
+    heads = tuple(heads)
+    return tuple(p + (h.replace(".", "_") if kohya else h) for p in prefixes for h in heads)
 
 
 def strip_weight(key: str) -> str:
@@ -372,8 +436,14 @@ class Architecture:
         plugins, and the built-in kinds (``clip_l``, ``clip_g``, ``clip_h``, ``t5xxl``, ``vae4``,
         ``vae16``, ``qwen3_4b``) may be used without declaring them.
 
+    :cvar lora_prefixes: optional, for fast detection: every LoRA module name of every variant starts with
+        one of these (``"lora_unet_double_blocks_"``, ``"transformer.transformer_blocks."``...); ``None``
+        (the default) makes the family scored in full on every file. See :meth:`name_bound`.
+    :cvar key_prefixes: optional, likewise for checkpoints: every key of every inventory, and every such key
+        with its component prefix removed, starts with one of these.
+
     Overridable behaviour: :meth:`_build_aliases` (required for LoRA support), :meth:`_refine_variant`,
-    :meth:`block_of`, :meth:`block_notations`, :meth:`detect`, :meth:`part_slots`.
+    :meth:`block_of`, :meth:`block_notations`, :meth:`detect`, :meth:`part_slots`, :meth:`target_spec`.
     """
 
     id: ClassVar[str] = ""
@@ -388,6 +458,8 @@ class Architecture:
     comfyui_rejects: ClassVar[frozenset[str]] = frozenset()
     component_parts: ClassVar[tuple[PartSlot, ...]] = ()
     part_kinds: ClassVar[tuple[PartKind, ...]] = ()
+    lora_prefixes: ClassVar[tuple[str, ...] | None] = None
+    key_prefixes: ClassVar[tuple[str, ...] | None] = None
 
     # ----------------------------------------------------------------------------------------- inventories
     @cached_property
@@ -429,6 +501,53 @@ class Architecture:
         """The component (``unet``, ``vae``, ``te1``...) of a canonical key."""
         return self.canonical_inventory(variant).component_of(key)
 
+    def target_spec(self, key: str, variant: str | None = None) -> TensorSpec | None:
+        """Shape and dtype of the real weight a canonical key names: the variant's canonical inventory
+        first, then the family's other inventories (every variant and part).
+
+        This is the one lookup of "how large is the weight a LoRA target (:class:`Target`) lands on", at
+        real size: fitting a fused weight's row slice to a shrunk or partial file, checking a LoRA module's
+        shape, sizing a merged module. "Parts" are the family's separate component files
+        (:meth:`part_slots`): a key below a slot's prefix in the single file is looked up among that part
+        kind's tensors (a text encoder the family's inventories do not ship).
+
+        :param key: a canonical key (``double_blocks.0.img_attn.qkv.weight``).
+        :param variant: the variant whose canonical inventory is tried first (default: the default one).
+        :return: the spec, or ``None`` when no inventory or part of the family has the key.
+        """
+        spec = self.canonical_inventory(variant).tensors.get(key)
+        if spec is not None:
+            return spec
+        for inv in self.inventories():
+            spec = inv.tensors.get(key)
+            if spec is not None:
+                return spec
+        return self._part_spec(key, self.check_variant(variant))
+
+    def _part_spec(self, key: str, variant: str) -> TensorSpec | None:
+        """The spec of ``key`` below one of the family's part slots (``variant``'s first, then the other
+        variants'), from the part kind's tensors in the form the single file stores."""
+        from lorasmith.archs.parts import PART_KINDS, form_inventory
+
+        kinds = {**PART_KINDS, **{k.id: k for k in self.part_kinds}}
+        for v in dict.fromkeys((variant, *self.variants)):
+            for slot in self.part_slots(v):
+                kind = kinds.get(slot.kind) if slot.kind is not None else None
+                if kind is None:
+                    continue
+                if key.startswith(slot.prefix):
+                    rest = key[len(slot.prefix) :]
+                elif slot.outer is not None and key.startswith(slot.outer):
+                    rest = key[len(slot.outer) :]
+                    if rest not in slot.outer_keys:
+                        continue
+                else:
+                    continue
+                spec = form_inventory(kind, slot.form).get(rest)
+                if spec is not None:
+                    return spec
+        return None
+
     # --------------------------------------------------------------------------------------------- aliases
     def _build_aliases(self, variant: str) -> Iterable[Alias]:
         """Yield every LoRA alias of ``variant``. Override in a subclass; the default knows none."""
@@ -466,15 +585,21 @@ class Architecture:
         variant = self.check_variant(variant)
         self._extra_aliases.setdefault(variant, []).extend((a, source) for a in aliases)
         self._alias_cache.clear()
+        self.__dict__.pop("_extra_names", None)
 
     def _add(self, table: dict[str, Alias], alias: Alias, source: str) -> None:
         old = table.get(alias.name)
         if old is not None and old.target != alias.target:
             first = self._alias_sources.get(alias.name, type(self).__name__)
+            # name the plugin(s) that added aliases: blocking them is the way out (the family's own class
+            # is no plugin name)
+            plugins = [n for n in dict.fromkeys((first, source)) if n != type(self).__name__]
             raise PluginError(
                 f"alias conflict in family {self.id!r}: {alias.name!r} maps to {old.target} (from {first}) "
                 f"and to {alias.target} (from {source})",
-                hint="two plugins claim the same LoRA key; block one with LORASMITH_BLOCK_PLUGINS",
+                hint=f"block it with LORASMITH_BLOCK_PLUGINS={','.join(plugins)}"
+                if plugins
+                else "two plugins claim the same LoRA key; block one with LORASMITH_BLOCK_PLUGINS",
             )
         if old is None:
             table[alias.name] = alias
@@ -484,6 +609,11 @@ class Architecture:
     @cached_property
     def _alias_sources(self) -> dict[str, str]:
         return {}
+
+    def built_alias_tables(self) -> tuple[str, ...]:
+        """The variants whose alias table this instance has built so far (tables are built on first use,
+        per variant; detection builds none for a family that cannot match a file)."""
+        return tuple(v for v in self.variants if v in self._alias_cache)
 
     def aliases(self, variant: str | None = None, spelling: str | None = None) -> list[Alias]:
         """Every alias of ``variant``, optionally only those of one spelling."""
@@ -542,6 +672,56 @@ class Architecture:
         """Coarse module type of a canonical key for summaries: ``attention``, ``feed-forward``,
         ``projection``, ``modulation``, ``conv``, ``norm``, ``embedding`` or ``other``."""
         return classify_module(key, spec)
+
+    # -------------------------------------------------------------------------------------- name bounds
+    @cached_property
+    def _extra_names(self) -> frozenset[str]:
+        return frozenset(a.name for extra in self._extra_aliases.values() for a, _source in extra)
+
+    @cached_property
+    def _key_prefix_forms(self) -> tuple[str, ...] | None:
+        if self.key_prefixes is None:
+            return None
+        # detection looks a key up as it is and less one wrapper prefix (STRIP_PREFIXES): "K less s starts
+        # with p" is "K starts with s + p", so one C-level startswith over these forms answers both
+        own = tuple(self.key_prefixes)
+        return own + tuple(s + p for s in STRIP_PREFIXES for p in own)
+
+    def could_know_module(self, name: str) -> bool:
+        """False only if no alias table of this family (any variant) can hold the LoRA module ``name``.
+
+        Cheap (no table is built): :attr:`lora_prefixes` plus the names other plugins added. Always True
+        for a family that declares no :attr:`lora_prefixes`.
+        """
+        prefixes = self.lora_prefixes
+        return prefixes is None or name.startswith(prefixes) or name in self._extra_names
+
+    def could_know_key(self, key: str) -> bool:
+        """False only if checkpoint detection cannot match the tensor key ``key`` to any inventory of this
+        family. Cheap (no inventory is loaded): :attr:`key_prefixes`; always True without them."""
+        forms = self._key_prefix_forms
+        return forms is None or key.startswith(forms)
+
+    def name_bound(self, modules: Collection[str], keys: Collection[str]) -> NameBound:
+        """An upper bound of what :meth:`detect` can match in a file, without building any table.
+
+        :param modules: the file's LoRA module names (:func:`lora_modules`).
+        :param keys: the file's other tensor keys.
+        :return: the counts :meth:`could_know_module` and :meth:`could_know_key` allow.
+
+        A family that overrides :meth:`detect` must keep its score within this bound (the default does:
+        it counts only names found in its alias tables and inventories). The conformance suite checks that
+        the declared prefixes cover every alias and inventory key.
+        """
+        if self.lora_prefixes is None:
+            lora = len(modules)
+        else:
+            lora = sum(1 for m in modules if self.could_know_module(m))
+        if self.key_prefixes is None:
+            ckpt = len(keys)
+        else:
+            ckpt = sum(1 for k in keys if self.could_know_key(k))
+        return NameBound(lora, len(modules), ckpt, len(keys))
 
     # ---------------------------------------------------------------------------------------- detection
     @cached_property

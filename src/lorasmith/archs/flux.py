@@ -46,6 +46,7 @@ from lorasmith.archs._dit import (
     equal_row_slices,
     row_slices,
     strip_prefix,
+    te_lora_prefixes,
     weight_paths,
 )
 from lorasmith.archs.base import (
@@ -55,6 +56,7 @@ from lorasmith.archs.base import (
     Kind,
     LayoutEntry,
     Target,
+    name_prefixes,
 )
 from lorasmith.archs.parts import PartSlot, diffusion_model_slot, text_encoder_slot
 from lorasmith.errors import NotAvailableError
@@ -93,6 +95,26 @@ _GLOBAL: dict[str, str] = {
     "final_layer.linear": "proj_out",
 }
 _IN_MODULES = ("img_in", "txt_in", "time_in", "vector_in", "guidance_in")
+#: First segments of the BFL and the diffusers module paths (the heads of the name bounds).
+_BFL_HEADS: tuple[str, ...] = (
+    "double_blocks.",
+    "single_blocks.",
+    "img_in",
+    "txt_in",
+    "time_in.",
+    "vector_in.",
+    "guidance_in.",
+    "final_layer.",
+)
+_DIFFUSERS_HEADS: tuple[str, ...] = (
+    "transformer_blocks.",
+    "single_transformer_blocks.",
+    "x_embedder",
+    "context_embedder",
+    "time_text_embed.",
+    "proj_out",
+    "norm_out.",
+)
 _BLOCK = re.compile(r"^(double_blocks|single_blocks)\.(\d+)\.(.+)$")
 _DIFFUSERS_BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.")
 
@@ -165,6 +187,15 @@ class Flux(DiTArchitecture):
             (("peft", "text_encoder_2."), ("comfy", T5XXL_PREFIX)),
         ),
     )
+
+    lora_prefixes: ClassVar[tuple[str, ...] | None] = (
+        name_prefixes(("lora_unet_",), _BFL_HEADS, kohya=True)
+        + name_prefixes(("diffusion_model.",), _BFL_HEADS)
+        + name_prefixes(("transformer.",), _DIFFUSERS_HEADS)
+        + name_prefixes(("lora_transformer_", "lycoris_"), _DIFFUSERS_HEADS, kohya=True)
+        + te_lora_prefixes(text_encoders)
+    )
+    key_prefixes: ClassVar[tuple[str, ...] | None] = _BFL_HEADS + _DIFFUSERS_HEADS
 
     def _generate_aliases(self, variant: str) -> Iterator[Alias]:
         for path, spec in weight_paths(self.modules(variant)):

@@ -103,6 +103,9 @@ class PartKind:
     :ivar accept_opaque: a file given for a slot of this kind that matches no known part (and no family)
         is still accepted, copied as it is with a warning: for encoders whose key set varies between
         distributions.
+    :ivar heads: optional, for fast detection: every key of every form starts with one of these
+        (``("encoder.", "decoder.")``). :func:`detect_part` then skips the kind, without building its
+        tables, for a file too few of whose keys do. ``None``: the kind is always scored.
     """
 
     id: str
@@ -112,6 +115,7 @@ class PartKind:
     channels: tuple[str, int, int] | None = None
     component: str = "te"
     accept_opaque: bool = False
+    heads: tuple[str, ...] | None = None
 
     @property
     def file_form(self) -> PartForm:
@@ -301,6 +305,11 @@ def _qwen3_4b() -> Mapping[str, TensorSpec]:
 
 
 _ARCHS = "lorasmith.archs"
+#: Top-level names of a CLIP text tower in HF form and in OpenCLIP form.
+_CLIP_HEADS = ("text_model.", "text_projection", "logit_scale")
+_OPENCLIP_HEADS = ("transformer.", "ln_final.", "positional_embedding", "token_embedding.")
+#: Top-level names of an ldm or diffusers VAE.
+_VAE_HEADS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 
 #: The built-in part kinds. Keys come from the packaged inventories (ComfyUI's SD3 Medium file holds CLIP-L
 #: and T5-XXL in HF form and the 16-channel VAE; SD1 holds the 4-channel VAE; SDXL and SD2 their OpenCLIP
@@ -316,18 +325,21 @@ PART_KINDS: dict[str, PartKind] = {
                 _ARCHS, "sd3-medium-comfyui", "text_encoders.clip_l.transformer.", "text_encoders.clip_l."
             ),
             (PartForm("hf", _HF),),
+            heads=_CLIP_HEADS,
         ),
         PartKind(
             "clip_g",
             "clip_g text encoder",
             inventory_tensors(_ARCHS, "sdxl-sgm", "conditioner.embedders.1.model."),
             (PartForm("hf", _HF, _openclip_hf("sdxl-sgm", "conditioner.embedders.1.model.")), _OPENCLIP),
+            heads=_CLIP_HEADS + _OPENCLIP_HEADS,
         ),
         PartKind(
             "clip_h",
             "clip_h text encoder",
             inventory_tensors(_ARCHS, "sd2-ldm", "cond_stage_model.model."),
             (PartForm("hf", _HF, _openclip_hf("sd2-ldm", "cond_stage_model.model.")), _OPENCLIP),
+            heads=_CLIP_HEADS + _OPENCLIP_HEADS,
         ),
         PartKind(
             "t5xxl",
@@ -336,6 +348,7 @@ PART_KINDS: dict[str, PartKind] = {
                 _ARCHS, "sd3-medium-comfyui", "text_encoders.t5xxl.transformer.", "text_encoders.t5xxl."
             ),
             (PartForm("hf", _HF),),
+            heads=("encoder.", "shared.", "logit_scale"),
         ),
         PartKind(
             "vae16",
@@ -344,6 +357,7 @@ PART_KINDS: dict[str, PartKind] = {
             (_LDM, _DIFFUSERS_VAE),
             channels=("decoder.conv_in.weight", 1, 16),
             component="vae",
+            heads=_VAE_HEADS,
         ),
         PartKind(
             "vae4",
@@ -352,8 +366,16 @@ PART_KINDS: dict[str, PartKind] = {
             (_LDM, _DIFFUSERS_VAE),
             channels=("decoder.conv_in.weight", 1, 4),
             component="vae",
+            heads=_VAE_HEADS,
         ),
-        PartKind("qwen3_4b", "qwen3_4b text encoder", _qwen3_4b, (PartForm("hf", _HF),), accept_opaque=True),
+        PartKind(
+            "qwen3_4b",
+            "qwen3_4b text encoder",
+            _qwen3_4b,
+            (PartForm("hf", _HF),),
+            accept_opaque=True,
+            heads=("model.embed_tokens.", "model.layers.", "model.norm."),
+        ),
     )
 }
 
@@ -492,6 +514,12 @@ def detect_part(view: KeyView, catalog: PartCatalog) -> PartMatch | None:
     cat = catalog
     best: tuple[float, float, str, str] | None = None
     for kind_id, kind in cat.kinds.items():
+        # a kind scoring under MIN_SCORE can never be the answer (a better kind wins, or none passes), and
+        # its heads bound its score: skip it before its tables are built
+        if kind.heads is not None and sum(1 for k in keys if k.startswith(kind.heads)) < MIN_SCORE * len(
+            keys
+        ):
+            continue
         if kind.channels is not None:
             key, axis, value = kind.channels
             spec = view.tensors.get(key)

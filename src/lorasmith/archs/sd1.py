@@ -31,7 +31,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import ClassVar
 
 from lorasmith.archs._unet import (
+    LDM_SCHEDULE_KEYS,
+    UNET_DIFFUSERS_HEADS,
+    UNET_LDM_HEADS,
     VAE4_SLOT,
+    VAE_HEADS,
     TextEncoderSpelling,
     UNetFamily,
     UNetSpelling,
@@ -41,6 +45,7 @@ from lorasmith.archs._unet import (
     openclip_layout,
     text_encoder_aliases,
     unet_aliases,
+    unet_lora_prefixes,
 )
 from lorasmith.archs.base import Alias, Architecture, Inventory, KeyView, Kind, LayoutEntry
 from lorasmith.archs.parts import PartSlot, diffusion_model_slot
@@ -95,6 +100,21 @@ class SD1(UNetFamily):
     base_model_version: ClassVar[Mapping[str, str]] = {"sd1": "sd_v1", "sd2": "sd_v2"}
     #: the default variant's parts; :meth:`part_slots` gives SD2's for ``sd2``.
     component_parts: ClassVar[tuple[PartSlot, ...]] = _SD1_PARTS
+
+    lora_prefixes: ClassVar[tuple[str, ...] | None] = unet_lora_prefixes(("lora_te_", "text_encoder."))
+    #: the ldm single file and its components without their prefixes (UNet, VAE, CLIP-L's HF names,
+    #: OpenCLIP's), then the diffusers UNet
+    key_prefixes: ClassVar[tuple[str, ...] | None] = (
+        "model.diffusion_model.",
+        "first_stage_model.",
+        "cond_stage_model.",
+        *LDM_SCHEDULE_KEYS,
+        *UNET_LDM_HEADS,
+        *VAE_HEADS,
+        *("text_model.", "transformer.", "ln_final.", "positional_embedding", "token_embedding."),
+        *("text_projection", "logit_scale"),
+        *UNET_DIFFUSERS_HEADS,
+    )
 
     unet_keymaps: ClassVar[Mapping[str, str]] = {"sd1": "sd1_unet", "sd2": "sd2_unet"}
     text_encoder_prefixes = ("cond_stage_model.",)

@@ -45,6 +45,7 @@ from lorasmith.archs._dit import (
     equal_row_slices,
     lora_out_in,
     strip_prefix,
+    te_lora_prefixes,
     weight_paths,
 )
 from lorasmith.archs.base import (
@@ -56,6 +57,7 @@ from lorasmith.archs.base import (
     Kind,
     LayoutEntry,
     Target,
+    name_prefixes,
 )
 from lorasmith.archs.parts import PartSlot, diffusion_model_slot, text_encoder_slot
 from lorasmith.hookspecs import hookimpl
@@ -103,6 +105,26 @@ _ANY_BLOCK = re.compile(r"^(?:joint_blocks|transformer_blocks)\.(\d+)\.")
 _DIFFUSERS_ATTN2 = re.compile(r"^transformer_blocks\.\d+\.attn2\.")
 _IN_HEADS = ("x_embedder", "context_embedder", "t_embedder", "y_embedder", "pos_embed", "time_text_embed")
 _OUT_HEADS = ("final_layer", "norm_out", "proj_out")
+
+#: First segments of the MMDiT module paths (below ``model.diffusion_model.``) and of the diffusers ones:
+#: the heads of the name bounds.
+_MMDIT_HEADS: tuple[str, ...] = (
+    "joint_blocks.",
+    "x_embedder.",
+    "context_embedder",
+    "t_embedder.",
+    "y_embedder.",
+    "final_layer.",
+    "pos_embed",
+)
+_DIFFUSERS_HEADS: tuple[str, ...] = (
+    "transformer_blocks.",
+    "pos_embed.",
+    "context_embedder",
+    "time_text_embed.",
+    "proj_out",
+    "norm_out.",
+)
 
 #: Joint-block count of each variant.
 DEPTH: dict[str, int] = {"sd3-medium": 24, "sd3.5-medium": 24, "sd3.5-large": 38}
@@ -181,6 +203,22 @@ class SD3(DiTArchitecture):
             (("kohya", "lora_te3_"), ("onetrainer", "lora_te3_")),
             (("peft", "text_encoder_3."), ("comfy", T5XXL_PREFIX)),
         ),
+    )
+
+    lora_prefixes: ClassVar[tuple[str, ...] | None] = (
+        name_prefixes(("lora_unet_",), _MMDIT_HEADS, kohya=True)
+        + name_prefixes(("diffusion_model.",), _MMDIT_HEADS)
+        + name_prefixes(("transformer.",), _DIFFUSERS_HEADS)
+        + name_prefixes(("lora_transformer_", "lycoris_"), _DIFFUSERS_HEADS, kohya=True)
+        + te_lora_prefixes(text_encoders)
+    )
+    #: the single files (MMDiT, VAE, text encoders, sampling buffers) and their components without their
+    #: prefixes, then the diffusers transformer
+    key_prefixes: ClassVar[tuple[str, ...] | None] = (
+        *("model.diffusion_model.", "model.model_sampling.", "first_stage_model.", "text_encoders."),
+        *_MMDIT_HEADS,
+        *("encoder.", "decoder.", "transformer.", "logit_scale"),
+        *_DIFFUSERS_HEADS,
     )
 
     def _generate_aliases(self, variant: str) -> Iterator[Alias]:

@@ -24,7 +24,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import ClassVar
 
 from lorasmith.archs._unet import (
+    UNET_DIFFUSERS_HEADS,
+    UNET_LDM_HEADS,
     VAE4_SLOT,
+    VAE_HEADS,
     TextEncoderSpelling,
     UNetFamily,
     UNetSpelling,
@@ -35,6 +38,7 @@ from lorasmith.archs._unet import (
     prefixed_layout,
     text_encoder_aliases,
     unet_aliases,
+    unet_lora_prefixes,
 )
 from lorasmith.archs.base import Alias, Architecture, Inventory, LayoutEntry
 from lorasmith.archs.parts import PartSlot, diffusion_model_slot
@@ -79,6 +83,22 @@ class SDXL(UNetFamily):
         VAE4_SLOT,
         PartSlot("clip_l", "clip_l", "conditioner.embedders.0.transformer.", "clip_l.safetensors"),
         PartSlot("clip_g", "clip_g", "conditioner.embedders.1.model.", "clip_g.safetensors", form="openclip"),
+    )
+
+    lora_prefixes: ClassVar[tuple[str, ...] | None] = unet_lora_prefixes(
+        ("lora_te1_", "lora_te2_", "text_encoder.", "text_encoder_2.")
+    )
+    #: the sgm single file and its components without their prefixes (UNet, VAE, CLIP-L's HF names,
+    #: bigG's OpenCLIP names), then the diffusers UNet
+    key_prefixes: ClassVar[tuple[str, ...] | None] = (
+        "model.diffusion_model.",
+        "first_stage_model.",
+        "conditioner.",
+        *UNET_LDM_HEADS,
+        *VAE_HEADS,
+        *("text_model.", "transformer.", "ln_final.", "positional_embedding", "token_embedding."),
+        *("text_projection", "logit_scale"),
+        *UNET_DIFFUSERS_HEADS,
     )
 
     unet_keymaps: ClassVar[Mapping[str, str]] = {"base": "sdxl_unet"}

@@ -44,7 +44,7 @@ from lorasmith.archs._dit import (
     strip_prefix,
     weight_paths,
 )
-from lorasmith.archs.base import Alias, Architecture, LayoutEntry, Target
+from lorasmith.archs.base import Alias, Architecture, LayoutEntry, Target, name_prefixes
 from lorasmith.archs.parts import PartSlot, diffusion_model_slot
 from lorasmith.hookspecs import hookimpl
 
@@ -59,6 +59,21 @@ _TOP_RENAMES: dict[str, str] = {"x_embedder": "all_x_embedder.2-1", "final_layer
 _LAYER = re.compile(r"^(layers|noise_refiner|context_refiner)\.(\d+)\.(.+)$")
 _IN_HEADS = ("x_embedder", "cap_embedder", "t_embedder", "x_pad_token", "cap_pad_token", "all_x_embedder")
 _OUT_HEADS = ("final_layer", "all_final_layer")
+
+#: First segments of the ComfyUI and the diffusers module paths (the heads of the name bounds).
+_HEADS: tuple[str, ...] = (
+    "layers.",
+    "noise_refiner.",
+    "context_refiner.",
+    "x_embedder",
+    "cap_embedder.",
+    "t_embedder.",
+    "final_layer.",
+    "x_pad_token",
+    "cap_pad_token",
+    "all_x_embedder.",
+    "all_final_layer.",
+)
 
 #: Counts of the released model (diffusers ``ZImageTransformer2DModel`` defaults).
 LAYERS = 30
@@ -118,6 +133,11 @@ class ZImage(DiTArchitecture):
             outer="text_encoders.qwen3_4b.",
         ),
     )
+
+    lora_prefixes: ClassVar[tuple[str, ...] | None] = name_prefixes(
+        ("lora_unet_", "lora_transformer_", "lycoris_"), _HEADS, kohya=True
+    ) + name_prefixes(("diffusion_model.", "transformer."), _HEADS)
+    key_prefixes: ClassVar[tuple[str, ...] | None] = _HEADS
 
     def _generate_aliases(self, variant: str) -> Iterator[Alias]:
         for path, spec in weight_paths(self.modules(variant)):

@@ -1,19 +1,23 @@
-"""``lorasmith inspect``: what a file is, whether its keys load, and per-block spectra."""
+"""``lorasmith inspect``: what a file is, whether its keys load, and per-block spectra.
+
+Run once per file by hub operators, so this module imports only what a header-level inspect needs; rich
+is imported by the human rendering alone (``--json`` never loads it).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
 from lorasmith.commands._common import ArchOpt, DeviceOpt, JsonOpt, QuietOpt, guarded
 from lorasmith.ops.inspect import InspectResult, inspect_file
 from lorasmith.output import emit
 from lorasmith.progress import cli_progress
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def _size(n: int) -> str:
@@ -31,6 +35,9 @@ def _counts(d: dict[str, int]) -> str:
 
 def render(console: Console, r: InspectResult) -> None:
     """Human-readable rendering of one :class:`InspectResult`."""
+    from rich.markup import escape
+    from rich.table import Table
+
     console.print(f"[bold]{r.path}[/]  ({_size(r.file_bytes)})")
     fam = f"{r.arch_name} ({r.arch})" if r.arch else "unknown"
     console.print(f"  kind        {r.kind}")

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
+from typing import TYPE_CHECKING
 
 from lorasmith.commands._common import JsonOpt, guarded
 from lorasmith.ops.plugins import FamilyRow, PartRow, PluginsResult, list_plugins
 from lorasmith.output import emit
 
+if TYPE_CHECKING:
+    from rich.console import Console
+
 
 def _render(console: Console, result: PluginsResult) -> None:
+    from rich.table import Table
+
     table = Table(title="lorasmith plugins", title_justify="left")
     for col in ("plugin", "version", "source", "families"):
         table.add_column(col)
@@ -49,6 +52,9 @@ def _notes(family: FamilyRow, part: PartRow) -> str:
 
 def _render_parts(console: Console, families: list[FamilyRow]) -> None:
     """The parts of each family's single-file checkpoint (what ``convert --split``/``--assemble`` use)."""
+    from rich.markup import escape
+    from rich.table import Table
+
     table = Table(title="parts", title_justify="left")
     for col in ("family", "part", "option", "kind", "single-file prefix", "split file", "notes"):
         table.add_column(col)

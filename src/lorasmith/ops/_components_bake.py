@@ -109,11 +109,8 @@ def _part_file(slot: Slot, src: Path, dst: Path, header: Header, convs: list[Con
 
 def _real_rows(family: Architecture, variant: str | None, key: str, dim: int) -> int | None:
     """Size along ``dim`` of the real (unshrunk) weight ``key``, for fitting a fused slice."""
-    spec = family.canonical_inventory(variant).tensors.get(key)
-    if spec is None:
-        finder = getattr(family, "target_spec", None)
-        spec = finder(key, variant) if callable(finder) else None
-    return int(spec.shape[dim]) if spec is not None else None
+    spec = family.target_spec(key, variant)
+    return int(spec.shape[dim]) if spec is not None and len(spec.shape) > dim else None
 
 
 def bake_parts(

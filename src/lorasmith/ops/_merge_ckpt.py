@@ -351,7 +351,6 @@ def bake(
         )
     blocks: BlockWeights | None = parse_blocks(blocks_spec, family) if blocks_spec else None
     index = _key_index(header)
-    inventory = family.canonical_inventory(variant)
     jobs: dict[str, list[BakeJob]] = {}
     bias_jobs: dict[str, list[BakeJob]] = {}
     unmatched: list[str] = []
@@ -365,7 +364,7 @@ def bake(
             info = header.tensors[file_key]
             sl = alias.target.slice
             if sl is not None:
-                spec = inventory.tensors.get(alias.target.key)
+                spec = family.target_spec(alias.target.key, variant)
                 real = spec.shape[sl[0]] if spec is not None else None
                 sl = fit_slice(sl, real, int(info.shape[sl[0]]), name)
             bw = blocks.weight(family, alias.target.key) if blocks is not None else 1.0

@@ -307,18 +307,26 @@ def _module_rows(
     table = family.alias_table(variant) if family is not None else {}
     rejects = family.comfyui_rejects if family is not None else frozenset()
     rows = []
+    # most modules of a file share a handful of (suffix, shape, dtype) signatures, and the algorithm and
+    # rank depend on nothing else: analyse each signature once (errors are not cached: they name the module)
+    known: dict[tuple[tuple[str, tuple[int, ...], str], ...], tuple[str, int | None]] = {}
     for name, suffix_keys in sorted(modules.items()):
         shapes = {
             suffix: (header.tensors[key].shape, header.tensors[key].dtype)
             for suffix, key in suffix_keys.items()
         }
+        signature = tuple(sorted((suffix, tuple(shape), dtype) for suffix, (shape, dtype) in shapes.items()))
         algo: str
-        try:
-            summary = module_summary(name, shapes)
-            algo, rank = summary.algo, summary.rank
-        except AdapterError as exc:
-            algo, rank = "invalid", None
-            problems.append(exc.message)
+        rank: int | None
+        if signature in known:
+            algo, rank = known[signature]
+        else:
+            try:
+                summary = module_summary(name, shapes)
+                algo, rank = known[signature] = (summary.algo, summary.rank)
+            except AdapterError as exc:
+                algo, rank = "invalid", None
+                problems.append(exc.message)
         alias = table.get(name)
         alpha = alphas.get(suffix_keys[".alpha"]) if ".alpha" in suffix_keys else None
         rows.append(

@@ -610,11 +610,9 @@ def _real_range(target: Target, full_rows: int | None) -> tuple[int, int] | None
 
 
 def _real_full_rows(arch: Architecture, variant: str | None, key: str) -> int | None:
-    for inv in (arch.canonical_inventory(variant), *arch.inventories()):
-        spec = inv.tensors.get(key)
-        if spec is not None and spec.shape:
-            return int(spec.shape[0])
-    return None
+    """Rows of the real weight ``key`` names (:meth:`Architecture.target_spec`); ``None`` if unknown."""
+    spec = arch.target_spec(key, variant)
+    return int(spec.shape[0]) if spec is not None and spec.shape else None
 
 
 @dataclass

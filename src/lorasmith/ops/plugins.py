@@ -143,9 +143,11 @@ def list_plugins(registry: Registry | None = None) -> PluginsResult:
     """Every registered plugin with its families and their separate parts.
 
     :param registry: the registry to describe (default: the process-wide one).
-    :raises PluginError: a family's part declarations are broken (see :func:`_parts`).
+    :raises PluginError: a family's part declarations are broken (see :func:`_parts`), or two plugins'
+        aliases conflict (:meth:`~lorasmith.registry.Registry.check_extra_aliases`).
     """
     reg = registry if registry is not None else get_registry()
+    reg.check_extra_aliases()  # an alias conflict between plugins is reported here, not on first use
     plugins = [
         PluginRow(name=p.name, version=p.version, source=p.source, families=list(p.families))
         for p in reg.plugins()

@@ -32,6 +32,7 @@ from lorasmith.testing.conformance import (
     check_identity,
     check_inventories,
     check_lora_detection,
+    check_name_bounds,
     conformance_report,
 )
 from lorasmith.testing.toy import ToyArch
@@ -108,6 +109,7 @@ __all__ = [
     "check_identity",
     "check_inventories",
     "check_lora_detection",
+    "check_name_bounds",
     "checkpoint_view",
     "conformance_report",
     "lokr_factorization",

@@ -50,6 +50,7 @@ __all__ = [
     "check_identity",
     "check_inventories",
     "check_lora_detection",
+    "check_name_bounds",
     "conformance_report",
 ]
 
@@ -267,6 +268,36 @@ def _aliases(arch: Architecture, sink: _Sink, factor: int) -> None:
             sink.fail(f"spelling {spelling!r} is listed but no variant has an alias in it")
 
 
+# ---------------------------------------------------------------------------------------- name bounds
+def _name_bounds(arch: Architecture, sink: _Sink) -> None:
+    """The declared ``lora_prefixes``/``key_prefixes`` cover every alias and every inventory key.
+
+    Detection skips a family whose bound says it cannot match a file: a name outside its prefixes would
+    make the registry miss the family (or a tie with it) on such a file.
+    """
+    if arch.lora_prefixes is None and arch.key_prefixes is None:
+        sink.note("no lora_prefixes/key_prefixes: detection scores this family in full on every file")
+        return
+    if arch.lora_prefixes is not None:
+        for variant in arch.variants:
+            try:
+                names = list(arch.alias_table(variant))
+            except Exception:
+                continue  # the aliases check reports it
+            for name in names:
+                if not arch.could_know_module(name):
+                    sink.fail(f"{variant}: alias {name!r} starts with none of lora_prefixes")
+    if arch.key_prefixes is not None:
+        for inv in arch.inventories():
+            prefixes = [p for p in inv.components.values() if p]
+            for key in inv.tensors:
+                # detection also looks keys up with their component prefix removed
+                forms = [key, *(key[len(p) :] for p in prefixes if key.startswith(p))]
+                for form in forms:
+                    if not arch.could_know_key(form):
+                        sink.fail(f"inventory {inv.id}: key {form!r} starts with none of key_prefixes")
+
+
 # --------------------------------------------------------------------------------------------- blocks
 def _blocks(arch: Architecture, sink: _Sink) -> None:
     notations = arch.block_notations()
@@ -428,6 +459,7 @@ CHECKS: dict[str, Check] = {
     "identity": lambda a, s, f, r: _identity(a, s),
     "inventories": lambda a, s, f, r: _inventories(a, s),
     "aliases": lambda a, s, f, r: _aliases(a, s, f),
+    "name-bounds": lambda a, s, f, r: _name_bounds(a, s),
     "blocks": lambda a, s, f, r: _blocks(a, s),
     "checkpoint-detection": _checkpoint_detection,
     "lora-detection": _lora_detection,
@@ -485,7 +517,8 @@ def check_architecture(
     Checks: id, name, variants and spellings (known in ``SPELLINGS``); inventories (load, belong to the
     family, one canonical per variant, known dtypes); alias tables (build for every variant; targets exist
     with a 2-D/4-D shape; slices inside the weight and not overlapping; one name per target and spelling;
-    every listed spelling used); block labels (``block_of`` only returns labels of a notation); detection
+    every listed spelling used); the declared name prefixes cover every alias and inventory key; block
+    labels (``block_of`` only returns labels of a notation); detection
     of a shrunk fixture checkpoint of every inventory (family, kind, variant, layout) and of a shrunk LoRA of
     every spelling and variant, whole and per component (family, kind ``lora``, layout = spelling, and the
     variant unless another variant has exactly the same names); ``describe()`` is JSON-serialisable.
@@ -506,6 +539,12 @@ def check_inventories(arch: Architecture) -> list[str]:
 def check_aliases(arch: Architecture, *, factor: int = DEFAULT_FACTOR) -> list[str]:
     """Failures of the alias tables and their targets."""
     return list(conformance_report(arch, factor=factor, checks=["aliases"]).failures)
+
+
+def check_name_bounds(arch: Architecture) -> list[str]:
+    """Failures of the declared name prefixes (``lora_prefixes``, ``key_prefixes``) against the alias
+    tables and inventories."""
+    return list(conformance_report(arch, checks=["name-bounds"]).failures)
 
 
 def check_blocks(arch: Architecture) -> list[str]:
@@ -595,6 +634,10 @@ class ArchitectureConformance:
     def test_aliases(self) -> None:
         """Alias tables build and point at real weights and slices."""
         self._check("aliases")
+
+    def test_name_bounds(self) -> None:
+        """The declared name prefixes cover every alias and inventory key."""
+        self._check("name-bounds")
 
     def test_blocks(self) -> None:
         """Block labels belong to a notation."""

@@ -465,8 +465,16 @@ def make_lora(
 
     keep = _default_filter(algo)
     chosen: list[tuple[Alias, tuple[int, ...]]] = []
+    # without a list of names, only targets some fixture checkpoint of the family holds (a FLUX.1 LoRA made
+    # here applies to make_checkpoint's FLUX.1 file, which has no text encoder)
+    shipped: set[str] = set()
+    if not named:
+        for inv in arch.inventories():
+            shipped.update(inv.tensors)
     for a in aliases:
         spec = target_spec(arch, variant, a.target)
+        if spec is not None and not named and a.target.key not in shipped:
+            spec = None
         if spec is None:
             if named:
                 raise ValueError(f"{arch.id}: target {a.target.key!r} of {a.name!r} is in no inventory")

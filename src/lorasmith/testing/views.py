@@ -131,16 +131,14 @@ def checkpoint_view(
     return SimpleKeyView(tensors)
 
 
-def target_spec(arch: Architecture, variant: str, target: Target) -> TensorSpec | None:
-    """The real shape and dtype of a target key: canonical inventory of ``variant`` first, then any other."""
-    spec = arch.canonical_inventory(variant).tensors.get(target.key)
-    if spec is not None:
-        return spec
-    for inv in arch.inventories():
-        spec = inv.tensors.get(target.key)
-        if spec is not None:
-            return spec
-    return None
+def target_spec(arch: Architecture, variant: str | None, target: Target) -> TensorSpec | None:
+    """The real shape and dtype of the weight ``target`` lands on (``None`` if the family does not know it).
+
+    A thin wrapper kept for plugin tests: it is :meth:`Architecture.target_spec
+    <lorasmith.archs.base.Architecture.target_spec>` (``arch.target_spec(target.key, variant)``), the one
+    lookup every command uses; call that directly in new code.
+    """
+    return arch.target_spec(target.key, variant)
 
 
 def select_aliases(

@@ -26,6 +26,12 @@ Detection is scale-invariant: names first, then the shapes of what matched must 
 to one common factor (1 for real files, 1/64 for shrunk test fixtures); keys that do not fit do not count.
 This keeps the attention-only names Qwen-Image shares with the diffusers FLUX.1 and SD3 trees from making
 a FLUX or SD3 file look like Qwen-Image.
+
+Parts (``component_parts``): the transformer, under ``model.diffusion_model.`` in a single-file checkpoint
+(ComfyUI's convention) and bare in its own file. Qwen-Image also ships a VAE (``qwen_image_vae``, a 3-D
+causal VAE of the Wan 2.1 kind) and the Qwen2.5-VL-7B text encoder as separate files, but this plugin's data
+holds neither key set, so neither has a slot: ``convert --split``/``--assemble`` handle the transformer
+alone, and other keys of a single file stay with it under their full names.
 """
 
 from __future__ import annotations
@@ -46,7 +52,9 @@ from lorasmith.archs.base import (
     TensorLike,
     kohya_name,
     lora_modules,
+    name_prefixes,
 )
+from lorasmith.archs.parts import PartSlot, diffusion_model_slot
 from lorasmith.hookspecs import hookimpl
 
 __version__ = "0.1.0"
@@ -66,6 +74,8 @@ WIDTH_QUANTUM = 64
 _BLOCK = re.compile(r"^transformer_blocks\.(\d+)\.")
 _IN_HEADS = ("img_in", "txt_in", "txt_norm", "time_text_embed")
 _OUT_HEADS = ("norm_out", "proj_out")
+#: First segments of every canonical key: the heads of the name bounds (``lora_prefixes``/``key_prefixes``).
+HEADS = ("transformer_blocks.", *_IN_HEADS, *_OUT_HEADS)
 #: Wrapper prefixes a checkpoint or a LoRA puts before a canonical key.
 _PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.")
 #: Names of layers only Qwen-Image has among the built-in DiT trees (FLUX/SD3 say ``ff``/``norm1``).
@@ -134,6 +144,13 @@ class QwenImage(Architecture):
     #: musubi-tuner's ``ARCH_QWEN_IMAGE`` (``/lora`` is appended for adapters).
     modelspec: ClassVar[Mapping[str, str]] = {"qwen-image": "Qwen-Image"}
     base_model_version: ClassVar[Mapping[str, str]] = {"qwen-image": "qwen_image"}
+    #: cheap name bounds: detection skips this family for files none of whose names could be Qwen-Image's
+    lora_prefixes: ClassVar[tuple[str, ...] | None] = name_prefixes(
+        ("transformer.", "diffusion_model."), HEADS
+    ) + name_prefixes(("lora_unet_", "lycoris_"), HEADS, kohya=True)
+    key_prefixes: ClassVar[tuple[str, ...] | None] = HEADS
+    #: the transformer only: the data holds no VAE or text-encoder keys (see the module docstring)
+    component_parts: ClassVar[tuple[PartSlot, ...]] = (diffusion_model_slot(),)
 
     def _build_aliases(self, variant: str) -> Iterator[Alias]:
         """Every ``.weight`` of ndim >= 2 in the four spellings; all target the whole weight."""
