@@ -134,10 +134,11 @@ def test_spelling_pairs_keep_deltas_and_round_trip(
     r = convert(fx.path, b, to=_word(dst), arch=fam)
     assert r.to_spelling == dst and r.kind == "lora"
     assert_same_deltas(fx, b)
-    # every module name is the target spelling's
-    table = arch.alias_table(variant)
+    # every module name is the target spelling's (names it shares with another spelling included: OneTrainer's
+    # text-encoder names are kohya's)
+    names = {a.name for a in arch.aliases(variant, spelling=dst)}
     with load_lora(b, arch=fam) as lb:
-        assert all(table[n].spelling == dst for n in lb.modules)
+        assert all(n in names for n in lb.modules)
     back = tmp_path / "c.safetensors"
     convert(b, back, to=_word(src), arch=fam)
     assert_same_deltas(fx, back)

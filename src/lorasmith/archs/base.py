@@ -568,12 +568,21 @@ class Architecture:
         cache = self._alias_cache
         if variant not in cache:
             table: dict[str, Alias] = {}
+            shared: list[Alias] = []
             for alias in self._build_aliases(variant):
-                self._add(table, alias, source=type(self).__name__)
+                self._add(table, alias, source=type(self).__name__, shared=shared)
             for alias, source in self._extra_aliases.get(variant, ()):
-                self._add(table, alias, source=source)
+                self._add(table, alias, source=source, shared=shared)
+            self._shared_aliases[variant] = shared
             cache[variant] = table
         return cache[variant]
+
+    @cached_property
+    def _shared_aliases(self) -> dict[str, list[Alias]]:
+        """Per variant: aliases whose name another spelling already claimed for the same target (Z-Image's
+        ``lora_unet_layers_0_feed_forward_w1`` is a kohya and a musubi name): the table keeps the first, and
+        :meth:`aliases` still lists them under their own spelling."""
+        return {}
 
     @cached_property
     def _extra_aliases(self) -> dict[str, list[tuple[Alias, str]]]:
@@ -585,9 +594,12 @@ class Architecture:
         variant = self.check_variant(variant)
         self._extra_aliases.setdefault(variant, []).extend((a, source) for a in aliases)
         self._alias_cache.clear()
+        self._shared_aliases.clear()
         self.__dict__.pop("_extra_names", None)
 
-    def _add(self, table: dict[str, Alias], alias: Alias, source: str) -> None:
+    def _add(
+        self, table: dict[str, Alias], alias: Alias, source: str, shared: list[Alias] | None = None
+    ) -> None:
         old = table.get(alias.name)
         if old is not None and old.target != alias.target:
             first = self._alias_sources.get(alias.name, type(self).__name__)
@@ -605,6 +617,8 @@ class Architecture:
             table[alias.name] = alias
             if source != type(self).__name__:
                 self._alias_sources[alias.name] = source
+        elif shared is not None and old.spelling != alias.spelling:
+            shared.append(alias)
 
     @cached_property
     def _alias_sources(self) -> dict[str, str]:
@@ -617,8 +631,14 @@ class Architecture:
 
     def aliases(self, variant: str | None = None, spelling: str | None = None) -> list[Alias]:
         """Every alias of ``variant``, optionally only those of one spelling."""
+        # with a spelling, the names it shares with another spelling for the same target are listed too
+        # (under its own spelling): every module it can name, as a conversion into it needs
         table = self.alias_table(variant)
-        return [a for a in table.values() if spelling is None or a.spelling == spelling]
+        if spelling is None:
+            return list(table.values())
+        own = [a for a in table.values() if a.spelling == spelling]
+        shared = self._shared_aliases.get(self.check_variant(variant), [])
+        return own + [a for a in shared if a.spelling == spelling]
 
     def resolve(self, module_name: str, variant: str | None = None) -> Alias | None:
         """The alias of a LoRA module name, or ``None`` if this family does not know it."""

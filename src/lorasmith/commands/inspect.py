@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from lorasmith.commands._common import ArchOpt, DeviceOpt, JsonOpt, QuietOpt, guarded
-from lorasmith.ops.inspect import InspectResult, inspect_file
+from lorasmith.ops.inspect import InspectResult, inspect_path
 from lorasmith.output import emit
 from lorasmith.progress import cli_progress
 
@@ -48,9 +48,12 @@ def render(console: Console, r: InspectResult) -> None:
     if r.components:
         console.print(f"  components  {', '.join(r.components)}")
     console.print(f"  tensors     {r.tensor_count} ({r.parameters:,} values), dtypes {_counts(r.dtypes)}")
+    if r.shards is not None:
+        console.print(f"  shards      {r.shards} (listed by this index)")
     if r.lora:
         lo = r.lora
-        console.print(f"  modules     {lo.module_count}: {_counts(lo.algos)}")
+        dora = f" (DoRA: {lo.dora})" if lo.dora else ""
+        console.print(f"  modules     {lo.module_count}: {_counts(lo.algos)}{dora}")
         console.print(f"  ranks       {_counts(lo.ranks)}")
         console.print(f"  alphas      {_counts(lo.alphas)}")
         console.print(f"  spellings   {_counts(lo.spellings)}")
@@ -82,7 +85,7 @@ def render(console: Console, r: InspectResult) -> None:
             tgt = (m.target or "?") + (f" rows {m.slice[1]}:{m.slice[1] + m.slice[2]}" if m.slice else "")
             table.add_row(
                 m.name,
-                m.algo,
+                m.algo + (" +DoRA" if m.dora else ""),
                 str(m.rank or "-"),
                 "-" if m.alpha is None else f"{m.alpha:g}",
                 m.spelling or "?",
@@ -112,7 +115,13 @@ def render(console: Console, r: InspectResult) -> None:
 
 @guarded
 def command(
-    files: Annotated[list[Path], typer.Argument(help="safetensors files to inspect.", show_default=False)],
+    files: Annotated[
+        list[Path],
+        typer.Argument(
+            help="safetensors files, shard indexes (*.safetensors.index.json) or diffusers folders.",
+            show_default=False,
+        ),
+    ],
     as_json: JsonOpt = False,
     keys: Annotated[bool, typer.Option("--keys", help="List every LoRA module with its target.")] = False,
     verify_hash: Annotated[
@@ -130,8 +139,8 @@ def command(
     results = []
     with cli_progress(enabled=blocks and not quiet and not as_json) as progress:
         for f in files:
-            results.append(
-                inspect_file(
+            results.extend(
+                inspect_path(
                     f,
                     arch=arch,
                     keys=keys,

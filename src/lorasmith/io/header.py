@@ -327,7 +327,11 @@ def _parse(p: Path, prefix: bytes, raw: bytes, file_size: int) -> Header:
     if not raw.lstrip(b" \t\r\n").startswith(b"{"):
         if not raw.strip():
             raise InvalidFileError(f"{p}: header is empty (length {n})", hint=_CORRUPT_HINT)
-        raise _not_safetensors(p, prefix + raw[:16], "the header is not a JSON object")
+        # no sniffing of the first bytes here: they are a valid header length, whose low byte would be read
+        # as text ('<' for a 60-byte header made a JSON list "look like a text file")
+        raise InvalidFileError(
+            f"{p}: not a safetensors file (the header is not a JSON object)", hint=_NOT_SAFETENSORS_HINT
+        )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -195,6 +195,11 @@ def convert_lora_units(
         _convert_unit(unit, read, style, out, lossy=lossy, lossy_tol=lossy_tol, lossy_rank=lossy_rank)
         if on_unit is not None:
             on_unit(unit.name)
+    if style == "peft":
+        # PEFT factors carry their scale (alpha / rank is baked into them): the effective alpha is the rank,
+        # which is what the output's ss_network_alpha must say
+        out.linear = [(r, float(r)) for r, _ in out.linear]
+        out.conv = [(r, float(r)) for r, _ in out.conv]
     for key in lora.extra_keys:
         out.tensors[key] = lora.tensor(key)
     if cast is not None:
@@ -247,7 +252,9 @@ def _convert_unit(
             _fuse(unit, read, style, out, sources)
         return
     algos = ", ".join(sorted(set(unit.algos)))
-    what = "fused" if len(unit.contributions) > 1 else "split"
+    # a whole input module placed into a larger output module (one part of a fused qkv) is a fuse too
+    splits = any(c.rows < (c.info.summary.out_features or 0) for c in unit.contributions)
+    what = "split" if splits else "fused"
     _require_lossy(lossy, f"{where}: {algos} modules cannot be {what} exactly")
     _lossy(unit, read, style, out, sources, lossy_tol, lossy_rank)
 
@@ -281,6 +288,20 @@ def _base_is_conv(unit: Unit) -> bool:
             if spec is not None:
                 return len(spec.shape) == 4
     return unit.conv_shaped
+
+
+def _conv_out(unit: Unit, style: Literal["kohya", "peft"]) -> bool:
+    """Whether to write conv-shaped factors.
+
+    kohya-style files keep the input's shape (sd-scripts writes SD2's linear ``proj_in`` as a 1x1 conv, and
+    its loaders reshape). PEFT factors are loaded into the diffusers layer itself, so a 1x1 module follows the
+    base weight: ``[r, in]`` for a Linear (SD2's ``proj_in``/``proj_out``), ``[r, in, 1, 1]`` for a Conv2d.
+    """
+    if style != "peft" or not unit.conv_shaped:
+        return unit.conv_shaped
+    if unit.kernel is not None and math.prod(unit.kernel) > 1:
+        return True
+    return _base_is_conv(unit)
 
 
 def _require_lossy(lossy: bool, message: str) -> None:
@@ -335,8 +356,8 @@ def _rename(
             folded.down,
             g_alpha,
             suffixes="peft",
-            conv=unit.conv_shaped,
-            kernel=(unit.kernel or (1, 1)) if unit.conv_shaped else None,
+            conv=_conv_out(unit, "peft"),
+            kernel=(unit.kernel or (1, 1)) if _conv_out(unit, "peft") else None,
             dtype=dtype,
         )
         for suffix, t in encoded.items():
@@ -396,8 +417,8 @@ def _emit_lowrank(
         down,
         alpha,
         suffixes=style,
-        conv=unit.conv_shaped,
-        kernel=(unit.kernel or (1, 1)) if unit.conv_shaped else None,
+        conv=_conv_out(unit, style),
+        kernel=(unit.kernel or (1, 1)) if _conv_out(unit, style) else None,
         dtype=dtype,
     )
     for suffix, t in encoded.items():

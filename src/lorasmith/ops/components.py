@@ -552,6 +552,12 @@ def split(
             slot = slots[0]
         groups.setdefault(slot.name, []).append(key)
     if not any(k.startswith(slots[0].prefix) for k in groups.get(MAIN, [])):
+        if len(verbatim) == len(header.tensors) and det.kind == "checkpoint":
+            raise InvalidFileError(
+                f"{src.name}: is already a separate {family.id} diffusion model (bare keys): "
+                "nothing to split",
+                hint="split takes a single-file checkpoint holding the diffusion model and other parts",
+            )
         raise InvalidFileError(
             f"{src.name}: holds no diffusion model under {slots[0].prefix!r}",
             hint="split takes a single-file checkpoint (model.diffusion_model.* keys)",
@@ -600,35 +606,55 @@ def split(
         done += 1
         cb(ProgressEvent("splitting", done, total, name))
 
+    from lorasmith.io.writer import _signals_deferred
+    from lorasmith.ops.layouts import TempFolder
+
     outputs: list[PartReport] = []
-    for slot, path, units in jobs:
-        is_main = slot.name == MAIN
-        meta = _clean_meta(header.metadata) if is_main else {}
-        kept = [k for u in units for k in u.writes if is_main and k in verbatim]
-        if kept:
-            meta[VERBATIM_KEY] = json.dumps(kept, separators=(",", ":"))
-        meta[RECORD_KEY] = json.dumps({"split_from": src.name, "part": slot.name}, separators=(",", ":"))
-        size = _stream(
-            [src],
-            units,
-            [header],
-            path,
-            dtypes=dts,
-            metadata=meta,
-            overwrite=overwrite,
-            stats=stats,
-            counts=counts,
-            progress=tick,
-        )
-        outputs.append(
-            PartReport(
-                slot=slot.name,
-                kind=slot.kind,
-                path=str(path),
-                tensors=sum(len(u.writes) for u in units),
-                file_bytes=size,
+    # all or nothing: the parts are written into a hidden folder inside the output folder and moved into
+    # place together once every one is complete; an error or an interrupt half way (a NaN in the third
+    # part, Ctrl-C) leaves none of them behind
+    staging = TempFolder(folder / f"{src.stem}.split")
+    try:
+        for slot, path, units in jobs:
+            is_main = slot.name == MAIN
+            meta = _clean_meta(header.metadata) if is_main else {}
+            kept = [k for u in units for k in u.writes if is_main and k in verbatim]
+            if kept:
+                meta[VERBATIM_KEY] = json.dumps(kept, separators=(",", ":"))
+            meta[RECORD_KEY] = json.dumps({"split_from": src.name, "part": slot.name}, separators=(",", ":"))
+            size = _stream(
+                [src],
+                units,
+                [header],
+                staging.path / path.name,
+                dtypes=dts,
+                metadata=meta,
+                overwrite=False,
+                stats=stats,
+                counts=counts,
+                progress=tick,
             )
-        )
+            outputs.append(
+                PartReport(
+                    slot=slot.name,
+                    kind=slot.kind,
+                    path=str(path),
+                    tensors=sum(len(u.writes) for u in units),
+                    file_bytes=size,
+                )
+            )
+        with _signals_deferred():
+            for _slot, path, _units in jobs:
+                try:
+                    os.replace(staging.path / path.name, path)
+                except OSError as exc:
+                    raise InvalidFileError(
+                        f"{path}: cannot move the finished file into place ({exc.strerror or exc})",
+                        hint="check the folder's permissions",
+                    ) from exc
+        _rename_recorded(staging.path, folder)
+    finally:
+        staging.discard()
     return ComponentsResult(
         mode="split",
         arch=family.id,
@@ -638,6 +664,21 @@ def split(
         dtypes=dict(sorted(counts.items())),
         cast=_cast_report(stats),
     )
+
+
+def _rename_recorded(staged: Path, final: Path) -> None:
+    """Name the moved files, not their staging copies, in the non-finite tensors written with
+    ``--allow-nonfinite`` (the CLI warns about each by its file)."""
+    from dataclasses import replace
+
+    from lorasmith.io.writer import _POLICY
+
+    policy = _POLICY.get()
+    if policy is None:
+        return
+    policy.nonfinite[:] = [
+        replace(t, path=final / t.path.name) if t.path.parent == staged else t for t in policy.nonfinite
+    ]
 
 
 def bake_parts(

@@ -36,7 +36,7 @@ import contextlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     import torch
 
     from lorasmith.archs.base import Architecture, KeyView
+    from lorasmith.io.header import Header
     from lorasmith.io.reader import TensorFile
     from lorasmith.io.writer import SafetensorsWriter
     from lorasmith.ops._diffusers_weights import ModelWeights
@@ -219,7 +220,7 @@ def convert(
     if lossy_tol < 0 or lossy_tol >= 1:
         raise UsageError(f"--lossy-tol {lossy_tol} is out of range", hint="give a fraction such as 0.01")
     if lossy_rank is not None and lossy_rank < 1:
-        raise UsageError(f"--lossy-rank {lossy_rank} must be at least 1")
+        raise UsageError(f"--lossy-rank {lossy_rank} must be at least 1", hint="give a rank such as 16")
     word = to.strip().lower() if to is not None else None
     layout = LAYOUT_WORDS.get(word) if word is not None else None
     shard: int | None = None
@@ -594,6 +595,12 @@ def _to_diffusers(
     # without a place in the layout are kept in the extras file
     known = {k for i in family.inventories() if i.canonical for k in i.tensors}
     unknown = [k for k in weights.tensors if k not in mapping and k not in known]
+    if unknown and scaled_fp8_weights(weights.tensors):
+        raise InvalidFileError(
+            f"{src}: a scaled FP8 checkpoint (weights stored as FP8 times their '.scale_weight'), which the "
+            "diffusers layout has no place for",
+            hint="dequantize it first (convert FILE -o plain.safetensors --dtype bf16), then convert that",
+        )
     if unknown:
         raise InvalidFileError(
             f"{src}: {len(unknown)} tensor(s) are not {family.name} single-file keys, e.g. {unknown[0]!r}",
@@ -1083,23 +1090,32 @@ def convert_lora(
     """Convert a LoRA file's spelling and/or dtype (see :func:`convert`)."""
     from lorasmith.errors import DetectionError
     from lorasmith.io.writer import save_file
-    from lorasmith.ops._convert_lora import convert_lora_units, resolve_target_spelling
+    from lorasmith.ops._convert_lora import KEEP_WORD, convert_lora_units, resolve_target_spelling
     from lorasmith.ops.loralib import load_lora, output_metadata, plan_units
 
     word = to if to is not None else ("keep" if dtype is not None else "comfy")
+    # "keep" keeps every module's own name, not the detected (majority) spelling: a file that mixes
+    # spellings (diffusers' convert_state_dict_to_kohya writes SDXL UNet modules over the diffusers tree and
+    # text-encoder modules in kohya names) is cast as it is, none of its modules renamed
+    keep = word.strip().lower() == KEEP_WORD
     stats = CastStats()
     with load_lora(src, arch=arch) as lora:
         family = lora.arch
-        if family is None:
-            if word != "keep":
+        if family is None or keep:
+            if family is None and not keep:
+                # the detection's own words (no family matched, or which families match equally)
+                why = next(iter(lora.warnings), "").removesuffix("; module names are kept as they are")
+                for prefix in (f"{src.name}: ", f"{src}: "):
+                    why = why.removeprefix(prefix)
                 raise DetectionError(
-                    f"{src}: the LoRA's family is unknown, so it cannot be written in another spelling",
+                    f"{src}: the LoRA's family is unknown, so it cannot be written in another spelling"
+                    + (f" ({why})" if why else ""),
                     hint="pass --arch to name the family",
                 )
             spelling = lora.spelling
         else:
             spelling = resolve_target_spelling(family, word, lora.spelling)
-        units = _dedupe(plan_units([(lora, 1.0)], spelling=spelling if family is not None else None))
+        units = _dedupe(plan_units([(lora, 1.0)], spelling=None if keep or family is None else spelling))
         style = _style(spelling, lora)
         done = 0
 
@@ -1115,16 +1131,17 @@ def convert_lora(
             stats.add(st)
             return new
 
-        conv = convert_lora_units(
-            lora,
-            units,
-            style,
-            lossy=lossy,
-            lossy_tol=lossy_tol,
-            lossy_rank=lossy_rank,
-            cast=cast,
-            on_unit=on_unit,
-        )
+        with _names_file(src):
+            conv = convert_lora_units(
+                lora,
+                units,
+                style,
+                lossy=lossy,
+                lossy_tol=lossy_tol,
+                lossy_rank=lossy_rank,
+                cast=cast,
+                on_unit=on_unit,
+            )
         record: dict[str, object] = {
             "from": lora.spelling,
             "to": spelling,
@@ -1171,6 +1188,20 @@ def convert_lora(
             sshs_model_hash=written.sshs_model_hash,
             warnings=[*lora.warnings, *conv.warnings],
         )
+
+
+@contextlib.contextmanager
+def _names_file(src: Path) -> Iterator[None]:
+    """Prefix a module's conversion error (``module 'x': a loha module has no exact PEFT form``) with the
+    file it is in, as every other error of ``convert`` names its file."""
+    from lorasmith.errors import AdapterError
+
+    try:
+        yield
+    except LorasmithError as exc:
+        if type(exc) not in (LorasmithError, AdapterError) or exc.message.startswith(f"{src}: "):
+            raise
+        raise type(exc)(f"{src}: {exc.message}", hint=exc.hint) from None
 
 
 def _dedupe(units: list[Unit]) -> list[Unit]:
@@ -1257,7 +1288,10 @@ def key_components(
     except DetectionError:
         return dict.fromkeys(keys), None, None
     if det.kind == "lora":
-        raise InvalidFileError("this is a LoRA, not a checkpoint")
+        raise InvalidFileError(
+            "this is a LoRA, not a checkpoint",
+            hint="convert a LoRA without --unet-dtype/--te-dtype/--vae-dtype",
+        )
     family = reg.get(det.arch)
     invs = [
         i
@@ -1282,6 +1316,11 @@ def convert_checkpoint_dtype(
     from lorasmith.io.reader import open_tensors
 
     header = read_header(src)
+    scaled = scaled_fp8_weights(header.tensors)
+    if scaled:
+        return _dequantize_scaled(
+            src, output, header, scaled, dtypes=dtypes, arch=arch, overwrite=overwrite, progress=progress
+        )
     keys = list(header.tensors)
     comps, family, variant = key_components(keys, header, arch)
     targets = component_dtypes(keys, dtypes, comps)
@@ -1303,6 +1342,105 @@ def convert_checkpoint_dtype(
             overwrite=overwrite,
             progress=progress,
         )
+
+
+#: ComfyUI's scaled FP8 checkpoints: a ``scaled_fp8`` marker tensor, and beside a weight stored in FP8 its
+#: ``scale_weight`` (the real weight is ``weight * scale_weight``) and ``scale_input`` (an activation scale)
+SCALED_FP8_MARKER = "scaled_fp8"
+_SCALE_SUFFIXES = (".scale_weight", ".scale_input")
+
+
+def scaled_fp8_weights(tensors: Mapping[str, object]) -> dict[str, str]:
+    """Weight key -> its ``scale_weight`` key, for every scaled weight of a ComfyUI scaled FP8 checkpoint
+    (empty for any other file)."""
+    out = {}
+    for key in tensors:
+        if key.endswith(".scale_weight"):
+            weight = key[: -len(".scale_weight")] + ".weight"
+            if weight in tensors:
+                out[weight] = key
+    return out
+
+
+def _dequantize_scaled(
+    src: Path,
+    output: Path,
+    header: Header,
+    scaled: Mapping[str, str],
+    *,
+    dtypes: Mapping[str, str | None],
+    arch: str | None,
+    overwrite: bool,
+    progress: ProgressCallback,
+) -> ConvertResult:
+    """Cast a scaled FP8 checkpoint: each scaled weight is dequantized (``weight * scale_weight``, in float32)
+    and cast to its target dtype; the scales and the marker are dropped, since the output holds plain weights
+    that every loader reads. A tensor at a time (the scales make the streamed path inapplicable).
+
+    :raises LorasmithError: a scaled weight without a non-FP8 target dtype (nothing to dequantize into), or a
+        scale whose shape fits no row of its weight.
+    """
+    import torch
+
+    from lorasmith.archs.base import SimpleKeyView, TensorSpec
+    from lorasmith.io.reader import open_tensors
+
+    drop = {k for k in header.tensors if k == SCALED_FP8_MARKER or k.endswith(_SCALE_SUFFIXES)}
+    keys = [k for k in header.tensors if k not in drop]
+    view = SimpleKeyView(
+        {k: TensorSpec(tuple(header.tensors[k].shape), header.tensors[k].dtype) for k in keys}
+    )
+    comps, family, variant = key_components(keys, view, arch)
+    targets = component_dtypes(keys, dtypes, comps)
+    for weight in scaled:
+        target = targets.get(weight)
+        if target is None or target.startswith("F8"):
+            raise LorasmithError(
+                f"{src}: a scaled FP8 checkpoint ({len(scaled)} weights are stored as FP8 times their "
+                f"'.scale_weight'), and {weight!r} has no wider target dtype to dequantize into",
+                hint="give --dtype bf16 (or fp16/fp32) for every component: the weights are then multiplied "
+                "by their scales and written as plain weights",
+            )
+
+    with open_tensors(src, header) as tf:
+
+        def get(key: str) -> torch.Tensor:
+            t = tf.get(key)
+            scale_key = scaled.get(key)
+            if scale_key is None:
+                return t
+            scale = tf.get(scale_key).to(torch.float32)
+            w = t.to(torch.float32)
+            if scale.numel() == 1:
+                return w * scale.reshape(())
+            if w.ndim >= 1 and scale.numel() == w.shape[0]:
+                return w * scale.reshape(-1, *([1] * (w.ndim - 1)))
+            raise LorasmithError(
+                f"{src}: {scale_key!r} has shape {list(scale.shape)}, which fits no row of {key!r} "
+                f"{list(w.shape)}",
+                hint="only per-tensor and per-row scales are dequantized",
+            )
+
+        result = write_streaming(
+            src,
+            output,
+            keys=keys,
+            specs={k: (header.tensors[k].dtype, tuple(header.tensors[k].shape)) for k in keys},
+            get=get,
+            targets=targets,
+            metadata=dict(header.metadata),
+            record={"dtype": {k: v for k, v in dtypes.items() if v is not None}, "dequantized": len(scaled)},
+            family=family,
+            variant=variant,
+            overwrite=overwrite,
+            progress=progress,
+            dropped=sorted(drop),
+        )
+    result.warnings.append(
+        f"dequantized {len(scaled)} scaled FP8 weights (weight x scale_weight); dropped {len(drop)} scale "
+        "tensors and markers"
+    )
+    return result
 
 
 def write_streaming(

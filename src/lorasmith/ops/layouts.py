@@ -188,7 +188,10 @@ def to_layout(t: torch.Tensor, entry: LayoutEntry) -> torch.Tensor:
         return _swap(t, entry.dim)
     if entry.transform == "drop_1x1":
         if t.dim() != 4 or t.shape[2:] != (1, 1):
-            raise InvalidFileError(f"expected a [C, C, 1, 1] tensor, got {list(t.shape)}")
+            raise InvalidFileError(
+                f"expected a [C, C, 1, 1] tensor, got {list(t.shape)}",
+                hint="the checkpoint's VAE attention has unexpected shapes; check the file",
+            )
         return t.reshape(t.shape[0], t.shape[1])
     if entry.transform == "transpose":
         return t.t().contiguous()
@@ -360,7 +363,10 @@ class LayoutSource:
                 continue
             infos = [self.models[sub].tensors[n] for sub, n in names]
             if len({i.dtype for i in infos}) > 1:
-                raise InvalidFileError(f"{src}: the parts of {key!r} have different dtypes")
+                raise InvalidFileError(
+                    f"{src}: the parts of {key!r} have different dtypes",
+                    hint="recast the folder to one dtype first (convert FOLDER --to diffusers --dtype D)",
+                )
             shape = list(infos[0].shape)
             if len(infos) > 1:
                 shape[entry.dim] = sum(int(i.shape[entry.dim]) for i in infos)
@@ -504,7 +510,10 @@ def check_folder_output(output: Path, overwrite: bool, src: Path) -> None:
     if output.exists() and not overwrite:
         raise OutputExistsError(f"{output}: output already exists", hint="pass --overwrite to replace it")
     if output.exists() and not output.is_dir():
-        raise InvalidFileError(f"{output}: a diffusers output is a folder, and this is a file")
+        raise InvalidFileError(
+            f"{output}: a diffusers output is a folder, and this is a file",
+            hint="give a folder name to -o (a file is never replaced by a folder)",
+        )
     if not output.parent.is_dir():
         raise InvalidFileError(
             f"{output.parent}: output folder does not exist", hint="create the folder first"

@@ -691,7 +691,7 @@ def plan_units(
                 hint="merge LoRAs made for the same model variant",
             )
 
-    builder = _UnitBuilder(family, variant, index, keep_names=spelling is None)
+    builder = _UnitBuilder(family, variant, index, keep_names=spelling is None, spelling=out_spelling)
     for f, weight in inputs:
         for info in f.modules.values():
             builder.add(f, info, weight, is_first=f is first)
@@ -717,11 +717,13 @@ class _UnitBuilder:
         variant: str | None,
         index: dict[str, list[Alias]],
         keep_names: bool,
+        spelling: str | None = None,
     ) -> None:
         self.family = family
         self.variant = variant
         self.index = index
         self.keep_names = keep_names
+        self.spelling = spelling
         self.slots: dict[str, _Slot] = {}
         self.by_key: dict[str, list[_Slot]] = {}
 
@@ -809,10 +811,24 @@ class _UnitBuilder:
                 candidates.append((a_real, alias))
         if not candidates or _uncovered(real, [r for r, _ in candidates]):
             raise LorasmithError(
-                f"{where} has no counterpart in the output spelling",
-                hint="leave out --to to keep the input's spelling",
+                f"{where} has no counterpart in the output spelling"
+                + (f" {self.spelling!r}" if self.spelling else ""),
+                hint=self._spellings_naming(target),
             )
         return [a for _, a in sorted(candidates, key=lambda t: t[0])]
+
+    def _spellings_naming(self, target: Target) -> str:
+        """A hint naming the family's spellings that have a name for ``target``'s weight."""
+        have: list[str] = []
+        if self.family is not None:
+            for spelling in self.family.spellings:
+                if spelling != self.spelling and any(
+                    a.target.key == target.key for a in self.family.aliases(self.variant, spelling=spelling)
+                ):
+                    have.append(spelling)
+        if not have:
+            return "leave out --to to keep the input's spelling"
+        return f"spellings that name it: {', '.join(have)}; or leave out --to to keep the input's names"
 
     def _place(
         self, slot: _Slot, f: LoraFile, info: ModuleInfo, weight: float, src: int, dst: int, n: int

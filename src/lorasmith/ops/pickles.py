@@ -13,6 +13,14 @@ drop at will), and the process holds one cast copy of one tensor at a time. A le
 cannot be mapped: it is loaded whole (about its file size in memory), and each tensor is let go as soon as
 it is written, so that memory falls as the conversion goes.
 
+Checkpoints saved by PyTorch Lightning (the original SD 1.x ``.ckpt`` files and their fine-tunes) also name
+a few classes and functions in their training bookkeeping: Lightning's ``ModelCheckpoint`` callback (as a
+dict key), numpy scalars and arrays (``global_step``, a best score) and ``_codecs.encode`` (how protocol 2
+stores their bytes). Those names, and only those, are given to the restricted unpickler as inert stand-ins
+(:class:`_Inert`: built from any arguments, they keep nothing and run nothing; the real modules are never
+imported), so such a checkpoint converts; the entries they appear in are not tensors and are dropped. Any
+other global is still refused.
+
 What is kept: the tensors of the state dict, found at the top level or under a wrapper key
 (``state_dict`` first, then ``model``, then ``module``); nested dicts of tensors are flattened with ``.``.
 Every other entry (epoch numbers, strings, anything that is not a tensor) is dropped and named in the
@@ -22,6 +30,7 @@ result.
 from __future__ import annotations
 
 import pickle
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,17 +48,83 @@ __all__ = ["load_pickle_state_dict", "pickle_to_safetensors"]
 _WRAPPERS = ("state_dict", "model", "module")
 
 
-def _torch_load(path: Path) -> Any:
+class _Inert:
+    """A stand-in for a harmless global of a training checkpoint: takes any arguments, keeps nothing.
+
+    Subclasses carry the real global's module and name (so the restricted unpickler matches them, and a
+    dropped entry is named after what it was); calling, building or setting the state of one runs nothing.
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Inert:
+        """A new, empty stand-in (the arguments are ignored)."""
+        return super().__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """Ignore the arguments."""
+
+    def __setstate__(self, state: Any) -> None:
+        """Ignore the pickled state."""
+
+
+#: Globals that PyTorch Lightning checkpoints name outside their tensors (A1111's safe unpickler allows the
+#: same ones): the ModelCheckpoint callback (a dict key), numpy scalars/arrays/dtypes, and _codecs.encode.
+_INERT_GLOBALS = (
+    "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+    "pytorch_lightning.callbacks.model_checkpoint",
+    "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint",
+    "numpy.core.multiarray.scalar",
+    "numpy.core.multiarray._reconstruct",
+    "numpy._core.multiarray.scalar",
+    "numpy._core.multiarray._reconstruct",
+    "numpy.dtype",
+    "numpy.ndarray",
+    "_codecs.encode",
+)
+
+
+def _inert_globals() -> list[type]:
+    out: list[type] = []
+    for path in _INERT_GLOBALS:
+        module, _, name = path.rpartition(".")
+        out.append(type(name, (_Inert,), {"__module__": module, "__qualname__": name}))
+    return out
+
+
+def _load_restricted(path: Path, *, mmap: bool) -> Any:
+    """``torch.load(weights_only=True)`` with the inert stand-ins allowed (where this torch can)."""
+    import contextlib
+
     import torch
 
+    serialization: Any = torch.serialization
+    allow = getattr(serialization, "safe_globals", None)  # torch >= 2.5: scoped to this load
+    with warnings.catch_warnings():
+        # torch warns about pickle protocols its restricted unpickler was not written for; the user can do
+        # nothing about it, and the load still either works or fails with the message below
+        warnings.simplefilter("ignore")
+        with allow(_inert_globals()) if allow is not None else contextlib.nullcontext():
+            if mmap:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        size = path.stat().st_size
+    except OSError:
+        size = -1
+    if size == 0:
+        raise InvalidFileError(
+            f"{path}: file is empty", hint="the download or copy did not finish; get it again"
+        )
     try:
         try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return _load_restricted(path, mmap=True)
         except RuntimeError as exc:
             # legacy (non-zip) pickles cannot be memory-mapped; read them normally, still restricted
             if "mmap" not in str(exc):
                 raise
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return _load_restricted(path, mmap=False)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()
         why = next((line for line in first if "Unsupported global" in line or "GLOBAL" in line), "")
@@ -58,9 +133,15 @@ def _torch_load(path: Path) -> Any:
             + (f" ({why.strip()})" if why else ""),
             hint="only plain tensor state dicts are read (torch.load weights_only=True); nothing was run",
         ) from None
-    except (EOFError, OSError, RuntimeError, ValueError) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # the restricted unpickler fails on garbage in many ways
+        # (EOFError, OSError, zip errors, and KeyError/IndexError/TypeError from a damaged opcode stream)
+        detail = next(iter(str(exc).strip().splitlines()), "")
         raise InvalidFileError(
-            f"{path}: not a readable PyTorch pickle ({type(exc).__name__}: {str(exc).splitlines()[0]})",
+            f"{path}: not a readable PyTorch pickle ({type(exc).__name__}"
+            + (f": {detail}" if detail else "")
+            + ")",
             hint="check that the file is complete and is a .ckpt/.pt/.pth checkpoint",
         ) from None
 
