@@ -76,6 +76,9 @@ class CheckpointInput:
     keys: dict[str, str]
     _tf: TensorFile | None = None
     source: LayoutSource | None = None
+    #: the family the file's keys name by themselves when it was read in another, forced one (a tuned
+    #: checkpoint is read in the base's family; see :func:`check_pair`)
+    own_arch: str | None = None
 
     def tensor(self, key: str) -> torch.Tensor:
         """The tensor of canonical ``key`` (stored dtype, CPU)."""
@@ -275,7 +278,16 @@ def open_input(path: Path, *, role: str, arch: str | None, allow_lora: bool) -> 
     keys = canonical_map(header, inv)
     if not keys:
         raise InvalidFileError(f"{path}: no {family.name} checkpoint keys", hint="check the file")
-    return CheckpointInput(path, header, family, det.variant, keys)
+    own_ckpt: str | None = None
+    if allow_lora and arch is not None:
+        # a tuned checkpoint is read in the base's family: tell its own, so that one of another family is
+        # refused as such rather than by the first shape that differs
+        try:
+            mine: Detection | None = reg.detect(header, source=str(weights))
+        except DetectionError:
+            mine = None
+        own_ckpt = mine.arch if mine is not None and mine.kind != "lora" else None
+    return CheckpointInput(path, header, family, det.variant, keys, own_arch=own_ckpt)
 
 
 def check_pair(base: CheckpointInput, other: Input, role: str, *, forced: bool = False) -> None:
@@ -296,6 +308,17 @@ def check_pair(base: CheckpointInput, other: Input, role: str, *, forced: bool =
             f"--{role} {other.path.name} is a {other.own_arch} LoRA, --base {base.path.name} a "
             f"{base.arch.id} checkpoint",
             hint="extract with the base checkpoint of the LoRA's family (or force one with --arch)",
+        )
+    if (
+        isinstance(other, CheckpointInput)
+        and not forced
+        and other.own_arch is not None
+        and other.own_arch != base.arch.id
+    ):
+        raise ArchMismatchError(
+            f"checkpoints of different families: --{role} {other.path.name} is a {other.own_arch} "
+            f"checkpoint, --base {base.path.name} a {base.arch.id} checkpoint",
+            hint="extract from two models of the same family (or force one with --arch)",
         )
     if other.arch.id != base.arch.id:
         raise ArchMismatchError(

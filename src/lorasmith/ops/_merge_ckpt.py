@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from lorasmith.adapters.base import AdapterModule
-from lorasmith.archs.base import STRIP_PREFIXES, Architecture
+from lorasmith.archs.base import STRIP_PREFIXES, Architecture, Inventory
 from lorasmith.errors import AdapterError, ArchMismatchError, LorasmithError, ShapeMismatchError
 from lorasmith.io.dtypes import safetensors_dtype, torch_dtype
 from lorasmith.io.header import Header, read_header
@@ -90,15 +90,61 @@ def _plan(header: Header, save: str | None) -> dict[str, tuple[str, tuple[int, .
     }
 
 
-def _key_index(header: Header) -> dict[str, str]:
-    """Canonical key -> file key, for files whose keys carry a wrapper prefix (or lack one)."""
+def _key_index(header: Header, inventory: Inventory | None = None) -> dict[str, str]:
+    """Canonical key -> file key, for files whose keys carry a wrapper prefix (or lack one).
+
+    With the family's canonical ``inventory``, a bare component file (an SD1/SDXL UNet saved without
+    ``model.diffusion_model.``) and a wrapped one (a FLUX transformer under ``model.diffusion_model.``) map
+    onto the canonical names through the inventory's component prefixes; keys the inventory does not know
+    fall back to the wrapper prefixes alone.
+    """
     index: dict[str, str] = {}
+    if inventory is not None:
+        from lorasmith.ops._extract_io import canonical_map
+
+        index.update(canonical_map(header, inventory))
     for name in header.tensors:
         index.setdefault(name, name)
         for prefix in STRIP_PREFIXES:
             if name.startswith(prefix):
                 index.setdefault(name[len(prefix) :], name)
     return index
+
+
+#: Component names of the diffusion model itself (what ``--unet-only`` merges).
+MAIN_COMPONENTS = frozenset({"unet", "transformer", "mmdit", "diffusion_model"})
+
+
+def main_model_rule(
+    family: Architecture, variant: str | None, header: Header, canonical_of: dict[str, str]
+) -> Callable[[str], bool]:
+    """Whether a file key of a checkpoint belongs to the diffusion model (``--unet-only``).
+
+    A key the canonical inventory knows belongs to it when its component is the diffusion model's; any other
+    key is told by the family's single-file part prefixes (a FLUX or Z-Image file that bundles ``vae.`` and
+    ``text_encoders.`` keys next to ``model.diffusion_model.``): under another part's prefix it is not, else
+    it is (wrapper keys, keys no inventory lists).
+    """
+    inventory = family.canonical_inventory(variant)
+    mains = {c for c in inventory.components if c in MAIN_COMPONENTS}
+    slots = family.part_slots(variant)
+    if not mains and slots:
+        mains = {c for c, prefix in inventory.components.items() if prefix == slots[0].prefix}
+    if not mains:
+        mains = set(inventory.components)
+    others = tuple(s.prefix for s in slots[1:] if s.prefix)
+    canonical = set(inventory.tensors)
+
+    def is_main(name: str) -> bool:
+        key = canonical_of.get(name, name)
+        if key in canonical:
+            return inventory.component_of(key) in mains
+        if name.startswith(others):
+            return False
+        comp = inventory.component_of(key)
+        return comp is None or comp in mains
+
+    return is_main
 
 
 def fit_slice(sl: tuple[int, int, int], real: int | None, actual: int, name: str) -> tuple[int, int, int]:
@@ -349,8 +395,24 @@ def bake(
             f"{loras[0].path.name} is a {loras[0].detection.arch} LoRA, {base.name} a {family.id} checkpoint",
             hint="bake a LoRA into a checkpoint of its own family",
         )
-    blocks: BlockWeights | None = parse_blocks(blocks_spec, family) if blocks_spec else None
-    index = _key_index(header)
+    for lora in loras:
+        # a LoRA of another variant whose names mean other weights there (an SD2 LoRA's text-encoder names
+        # are OpenCLIP weights; in SD1 the same names are CLIP-L's): its modules would land on what they
+        # happen to match. Variants whose names mean the same weights (FLUX dev and schnell) pass: what the
+        # checkpoint lacks is reported as unmatched.
+        lv = lora.detection.variant
+        if lv is None or variant is None or lv == variant or variant not in family.variants:
+            continue
+        own, theirs = family.alias_table(lv), family.alias_table(variant)
+        moved = [n for n in lora.names if n in own and n in theirs and own[n].target != theirs[n].target]
+        if moved:
+            raise ArchMismatchError(
+                f"{lora.path.name} is a LoRA for {lv}, {base.name} a {variant} checkpoint (its module "
+                f"{moved[0]!r} means another weight in {variant})",
+                hint="bake a LoRA into a checkpoint of the variant it was made for",
+            )
+    blocks: BlockWeights | None = parse_blocks(blocks_spec, family) if blocks_spec is not None else None
+    index = _key_index(header, family.canonical_inventory(variant))
     jobs: dict[str, list[BakeJob]] = {}
     bias_jobs: dict[str, list[BakeJob]] = {}
     unmatched: list[str] = []
@@ -674,18 +736,21 @@ def merge_checkpoints(
                 f"{p.name} is {fam.id}",
                 hint="merge only checkpoints of one family",
             )
-    blocks = parse_blocks(blocks_spec, family) if blocks_spec else None
+    blocks = parse_blocks(blocks_spec, family) if blocks_spec is not None else None
     first = headers[0]
-    index = _key_index(first)
-    canonical_of = {v: k for k, v in index.items() if k != v}
     inventory = family.canonical_inventory(variant)
-    main = "unet" if "unet" in inventory.components else "transformer"
+    # file key -> canonical key (block weights and --unet-only are told from the canonical names)
+    canonical_of: dict[str, str] = {}
+    for canon, name in _key_index(first, inventory).items():
+        if canon != name and canon in inventory.tensors:
+            canonical_of.setdefault(name, canon)
+    for canon, name in _key_index(first).items():
+        if canon != name and name not in inventory.tensors:
+            canonical_of.setdefault(name, canon)
+    is_main = main_model_rule(family, variant, first, canonical_of)
 
     def merged_key(name: str) -> bool:
-        if not unet_only:
-            return True
-        comp = inventory.component_of(canonical_of.get(name, name))
-        return comp is None or comp == main
+        return not unet_only or is_main(name)
 
     for (p, _), h in zip(models[1:], headers[1:], strict=True):
         for name, info in first.tensors.items():

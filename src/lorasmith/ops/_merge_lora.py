@@ -5,6 +5,7 @@ Internal to :mod:`lorasmith.ops.merge`; see ``docs/merge.md`` for the maths.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -15,9 +16,8 @@ from pathlib import Path
 import torch
 
 from lorasmith.adapters.base import AdapterModule
-from lorasmith.adapters.lora import encode_lora
 from lorasmith.adapters.parse import parse_module
-from lorasmith.archs.base import SPELLINGS, Alias, Architecture, Detection
+from lorasmith.archs.base import SPELLINGS, Alias, Architecture, Detection, Target
 from lorasmith.errors import AdapterError, ArchMismatchError, LorasmithError, ShapeMismatchError
 from lorasmith.io.dtypes import torch_dtype
 from lorasmith.linalg import (
@@ -31,7 +31,19 @@ from lorasmith.linalg import (
     rank_sv_ratio,
 )
 from lorasmith.ops.blocks import BlockWeights
-from lorasmith.ops.loralib import LoraFile, output_metadata, parse_merge_spec
+from lorasmith.ops.loralib import (
+    Contribution,
+    LoraFile,
+    ModuleInfo,
+    Unit,
+    UnitExtras,
+    encode_unit,
+    file_context,
+    output_metadata,
+    parse_merge_spec,
+    plan_units,
+    suffix_style_of,
+)
 from lorasmith.ops.loralib import load_lora as loralib_load
 from lorasmith.progress import ProgressCallback, ProgressEvent
 from lorasmith.registry import get_registry
@@ -233,8 +245,13 @@ class RankPolicy:
         try:
             v = float(value)
         except ValueError:
-            raise LorasmithError(f"bad --dynamic value {dynamic!r}: {value!r} is not a number") from None
-        return cls(method, v, rank)
+            raise LorasmithError(
+                f"bad --dynamic value {dynamic!r}: {value!r} is not a number",
+                hint=f"write {method}:NUMBER ({method}:{'4' if method == 'sv_ratio' else '0.9'})",
+            ) from None
+        policy = cls(method, v, rank)
+        policy.choose(torch.ones(1, dtype=torch.float64))  # the parameter's range, before any file is read
+        return policy
 
     def choose(self, s: torch.Tensor) -> int:
         """The rank to keep for singular values ``s`` (descending)."""
@@ -249,7 +266,11 @@ class RankPolicy:
                 return rank_sv_cumulative(s, self.value, max_rank=self.max_rank)
             return rank_energy(s, self.value, max_rank=self.max_rank)
         except LinalgError as exc:
-            raise LorasmithError(f"--dynamic {self.method}: {exc}") from None
+            limits = "at least 1" if self.method == "sv_ratio" else "between 0 and 1"
+            raise LorasmithError(
+                f"bad --dynamic value {self.method}:{self.value:g}: {exc}",
+                hint=f"{self.method} takes a number {limits}",
+            ) from None
 
 
 # ------------------------------------------------------------------------------------------- factors
@@ -350,6 +371,33 @@ def merged_metadata(
     return out
 
 
+#: ``ss_network_args`` algorithms whose files hold plain LoRA / LoCon modules.
+_PLAIN_ALGOS = frozenset({"lora", "locon"})
+
+
+def plain_lora_metadata(meta: dict[str, str]) -> dict[str, str]:
+    """Metadata of an output whose every module is now a plain LoRA (a merge, or a resized LoHa/LoKr).
+
+    A LyCORIS algorithm that ``ss_network_args`` still names (``"algo": "loha"``) no longer describes the
+    file: it is dropped, and ``ss_network_module`` ``lycoris.*`` becomes ``networks.lora`` with it.
+    Anything else is kept.
+    """
+    raw = meta.get("ss_network_args")
+    if not raw:
+        return meta
+    try:
+        args = json.loads(raw)
+    except json.JSONDecodeError:
+        return meta
+    if not isinstance(args, dict) or "algo" not in args or str(args["algo"]).lower() in _PLAIN_ALGOS:
+        return meta
+    out = dict(meta)
+    out["ss_network_args"] = json.dumps({k: v for k, v in args.items() if k != "algo"})
+    if out.get("ss_network_module", "").startswith("lycoris"):
+        out["ss_network_module"] = "networks.lora"
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- merge
 @dataclass
 class LoraMergeOutcome:
@@ -364,6 +412,197 @@ class LoraMergeOutcome:
     write: object
 
 
+def dedupe_units(units: Sequence[Unit]) -> list[Unit]:
+    """Units with each input module's rows counted once.
+
+    A spelling may have several names for one weight (SDXL PEFT: ``attn1.to_k`` and
+    ``attn1.processor.to_k``); :func:`~lorasmith.ops.loralib.plan_units` then opens an output module for
+    each and places a new input module on all of them, which would add its delta twice. The first of such
+    units keeps the contribution, the others lose it, and units left without any are dropped.
+    """
+    seen: set[tuple[str, int, str, int, int, int]] = set()
+    out: list[Unit] = []
+    for unit in units:
+        if unit.base_key is None:
+            out.append(unit)
+            continue
+        kept = []
+        for c in unit.contributions:
+            # the real rows of the weight this contribution fills (the unit's rows are its slice's)
+            start = 0 if unit.base_slice is None else unit.base_slice[1]
+            mark = (unit.base_key, id(c.file), c.module, c.src_start, start + c.dst_start, c.rows)
+            if mark in seen:
+                continue
+            seen.add(mark)
+            kept.append(c)
+        if len(kept) == len(unit.contributions):
+            out.append(unit)
+        elif kept:
+            out.append(dataclasses.replace(unit, contributions=tuple(kept)))
+    return out
+
+
+def views(units: Sequence[Unit], files: Sequence[LoraFile]) -> list[LoraFile]:
+    """The files the units read from that are not among ``files``: views that :func:`plan_files` opened
+    (the caller closes them)."""
+    out: dict[int, LoraFile] = {}
+    for u in units:
+        for c in u.contributions:
+            if not any(c.file is f for f in files):
+                out.setdefault(id(c.file), c.file)
+    return list(out.values())
+
+
+def _real_rows(arch: Architecture, variant: str | None, target: Target) -> tuple[int, int] | None:
+    """The real row range ``[start, end)`` a target covers; ``None`` when unknown."""
+    if target.slice is not None:
+        dim, start, length = target.slice
+        return (start, start + length) if dim == 0 else None
+    spec = arch.target_spec(target.key, variant)
+    return (0, int(spec.shape[0])) if spec is not None and spec.shape else None
+
+
+def _covered(rows: tuple[int, int], spans: Sequence[tuple[int, int]]) -> bool:
+    pos = rows[0]
+    for lo, hi in sorted(spans):
+        if lo > pos:
+            return False
+        pos = max(pos, hi)
+        if pos >= rows[1]:
+            return True
+    return pos >= rows[1]
+
+
+def plan_merge(loras: Sequence[LoadedLora], to: str | None) -> list[Unit]:
+    """The output modules of a LoRA merge: :func:`plan_files` of the inputs at weight 1 (the caller applies
+    each input's ratio, so that a norm module, whose 1-d delta is additive, may be scaled too)."""
+    return plan_files([(lora.file, 1.0) for lora in loras], to)
+
+
+def plan_files(inputs: Sequence[tuple[LoraFile, float]], to: str | None) -> list[Unit]:
+    """The output modules of files merged with weights (:func:`~lorasmith.ops.loralib.plan_units`,
+    deduplicated with :func:`dedupe_units`).
+
+    Without ``to`` the first input's names are kept and later inputs' modules are placed on them, or named
+    in the first input's spelling. A later module that spelling has no name for (a text-encoder module
+    against a UNet-only spelling such as SD1 ``kohya-ldm``) keeps its own name, as a module of its own.
+    Such a split input is planned as two views of its file, each with its own open handle: the caller
+    closes the :func:`views` of the units when done.
+    """
+    inputs = list(inputs)
+    first = inputs[0][0]
+    if to is not None or len(inputs) == 1 or first.arch is None:
+        return dedupe_units(plan_units(inputs, spelling=to))
+    arch, variant = first.arch, first.variant
+    spans: dict[str, list[tuple[int, int]]] = {}
+    targets = [i.target for i in first.modules.values() if i.target is not None]
+    if first.spelling is not None and first.spelling in arch.spellings:
+        targets += [a.target for a in arch.aliases(variant, spelling=first.spelling)]
+    for target in targets:
+        span = _real_rows(arch, variant, target)
+        if span is not None:
+            spans.setdefault(target.key, []).append(span)
+    placed: list[tuple[LoraFile, float]] = [inputs[0]]
+    rest: list[tuple[LoraFile, float]] = []
+    try:
+        return _plan_split(inputs, arch, variant, spans, placed, rest)
+    except BaseException:
+        for v in [f for f, _ in placed + rest if not any(f is g for g, _ in inputs)]:
+            v.close()
+        raise
+
+
+def _plan_split(
+    inputs: Sequence[tuple[LoraFile, float]],
+    arch: Architecture,
+    variant: str | None,
+    spans: dict[str, list[tuple[int, int]]],
+    placed: list[tuple[LoraFile, float]],
+    rest: list[tuple[LoraFile, float]],
+) -> list[Unit]:
+    """:func:`plan_files` once the first input's row spans are known (``placed`` and ``rest`` are filled
+    here, so that the caller can close the views opened so far when anything fails)."""
+    from lorasmith.io.reader import open_tensors
+
+    for f, weight in inputs[1:]:
+        keep: dict[str, ModuleInfo] = {}
+        left: dict[str, ModuleInfo] = {}
+        for name, info in f.modules.items():
+            t = info.target
+            rows = None if t is None else _real_rows(arch, variant, t)
+            if t is None or rows is None or _covered(rows, spans.get(t.key, [])):
+                keep[name] = info
+            else:
+                left[name] = info
+        if not left:
+            placed.append((f, weight))
+            continue
+        if keep:
+            placed.append((dataclasses.replace(f, modules=keep, _tf=open_tensors(f.path, f.header)), weight))
+        rest.append((dataclasses.replace(f, modules=left, _tf=open_tensors(f.path, f.header)), weight))
+    units = plan_units(placed)
+    if rest:
+        names = {u.name for u in units}
+        extra = plan_units(rest)
+        clash = next((u.name for u in extra if u.name in names), None)
+        if clash is not None:
+            raise LorasmithError(
+                f"module name {clash!r} names different weights in the inputs",
+                hint="write the output in one spelling with --to",
+            )
+        units += extra
+    return dedupe_units(units)
+
+
+def _refuse_base_dependent(loras: Sequence[LoadedLora]) -> None:
+    """DoRA, OFT, BOFT and GLoRA modules cannot become a plain LoRA without a base weight.
+
+    :raises AdapterError: naming the file and the first such module, with the bake hint.
+    """
+    for lora in loras:
+        for info in lora.file.modules.values():
+            summary = info.summary
+            if summary.has_dora or summary.needs_base:
+                kind = f"a DoRA {summary.algo}" if summary.has_dora else f"an {summary.algo.upper()}"
+                raise AdapterError(
+                    f"{lora.path}: module {info.name!r} is {kind} module, whose delta depends on the base "
+                    "weight",
+                    hint="bake it into a checkpoint with --base instead of merging LoRAs",
+                )
+
+
+def _owner(loras: Sequence[LoadedLora], f: LoraFile) -> LoadedLora:
+    """The input a (possibly filtered, see :func:`plan_merge`) file belongs to."""
+    return next(lora for lora in loras if lora.file is f or lora.file.path == f.path)
+
+
+def _place_rows(up: torch.Tensor, c: Contribution, rows: int) -> torch.Tensor:
+    """``up``'s rows of contribution ``c`` at their rows of a unit with ``rows`` rows (zeros elsewhere)."""
+    if c.whole and up.shape[0] == rows:
+        return up
+    placed = torch.zeros(rows, up.shape[1], dtype=up.dtype)
+    placed[c.dst_start : c.dst_start + c.rows] = up[c.src_start : c.src_start + c.rows]
+    return placed
+
+
+def _norm_tensors(
+    unit: Unit, lookup: dict[int, LoadedLora], bw: float, compute: torch.dtype, out_dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """A norm unit (``w_norm`` / ``b_norm``, additive 1-d deltas): the weighted sum, as one norm module."""
+    sums: dict[str, torch.Tensor] = {}
+    for c in unit.contributions:
+        lora = lookup[id(c.file)]
+        try:
+            with file_context(lora.path):
+                for suffix, key in c.info.keys.items():
+                    if suffix in (".w_norm", ".b_norm"):
+                        t = c.file.tensor(key).to(compute) * (lora.ratio * c.weight * bw)
+                        sums[suffix] = sums[suffix] + t if suffix in sums else t
+        finally:
+            c.file.close()
+    return {unit.name + suffix: t.to(out_dtype).contiguous() for suffix, t in sums.items()}
+
+
 def merge_loras(
     loras: Sequence[LoadedLora],
     output: Path,
@@ -376,7 +615,12 @@ def merge_loras(
     overwrite: bool,
     progress: ProgressCallback,
 ) -> LoraMergeOutcome:
-    """Merge LoRAs into one LoRA: exact rank concatenation, or an SVD merge when ``policy`` is given."""
+    """Merge LoRAs into one LoRA: exact rank concatenation, or an SVD merge when ``policy`` is given.
+
+    Output modules are the :func:`~lorasmith.ops.loralib.plan_units` of the inputs: the first input's names
+    (or those of ``to``), with every input module placed on the rows it covers, so that fused and split
+    layouts (FLUX ``qkv`` and ``to_q``/``to_k``/``to_v``) meet exactly and ``to`` splits or fuses them.
+    """
     from lorasmith.io.writer import SafetensorsWriter
 
     check_same_family(loras)
@@ -387,128 +631,127 @@ def merge_loras(
         raise LorasmithError(
             f"{arch.id} has no spelling {to!r}", hint=f"spellings: {', '.join(arch.spellings)}"
         )
-    style = SPELLINGS[spelling].suffixes if spelling in SPELLINGS else "kohya"
-    reverse: dict[tuple[str, tuple[int, int, int] | None], str] = {}
-    if spelling is not None:
-        for alias in arch.aliases(first.file.variant, spelling):
-            reverse.setdefault((alias.target.key, alias.target.slice), alias.name)
+    _refuse_base_dependent(loras)
+    style = suffix_style_of(spelling, [i for lora in loras for i in lora.file.modules.values()])
+    units = plan_merge(loras, to)
+    lookup = {id(c.file): _owner(loras, c.file) for u in units for c in u.contributions}
 
-    # group every module of every input by its target, in first-seen order
-    groups: dict[GroupKey, list[tuple[int, str]]] = {}
-    for i, lora in enumerate(loras):
-        for name in lora.names:
-            groups.setdefault(lora.group_of(name), []).append((i, name))
-
-    out_dtype = save_dtype or first.dtype
-    tensors: dict[str, torch.Tensor] = {}
-    ranks: dict[str, int] = {}
-    big_conv: set[str] = set()  # conv modules with a kernel larger than 1x1
-    errors: dict[str, float] = {}
-    warnings: list[str] = []
-    total = len(groups)
-    for done, (gkey, members) in enumerate(groups.items(), 1):
-        ups: list[torch.Tensor] = []
-        downs: list[torch.Tensor] = []
-        kernel: tuple[int, ...] | None = None
-        shape: tuple[int, int] | None = None
-        for i, name in members:
-            lora = loras[i]
-            f = module_factors(lora.read(name), compute, lora.path)
-            bw = 1.0
-            if blocks is not None and not gkey[0].startswith("module:"):
-                bw = blocks.weight(arch, gkey[0])
-            s = lora.ratio * bw * f.scale
-            this = (int(f.up.shape[0]), int(f.down.shape[1]))
-            if shape is None:
-                shape = this
-            elif this != shape:
-                raise ShapeMismatchError(
-                    f"module {name!r} of {lora.path.name} has delta shape {list(this)}, other inputs "
-                    f"have {list(shape)} for the same target",
-                    hint="the LoRAs were made for different models of the family",
-                )
-            if kernel is None and f.kernel is not None:
-                kernel = f.kernel
-            if s == 0.0:
-                continue
-            root = math.sqrt(abs(s))
-            ups.append(f.up * root)
-            downs.append(f.down * math.copysign(root, s))
-        # output name: the first input's own name if it has the module, else the target spelling's alias
-        i0, n0 = members[0]
-        name = n0 if (i0 == 0 and to is None) else reverse.get(gkey, n0)
-        if name != n0 and name in tensors:
-            name = n0
-        assert shape is not None
-        if not ups:  # every contribution is 0: a zero module of rank 1 keeps the key set
-            ups = [torch.zeros(shape[0], 1, dtype=compute)]
-            downs = [torch.zeros(1, shape[1], dtype=compute)]
-        up = torch.cat(ups, dim=1)
-        down = torch.cat(downs, dim=0)
-        if policy is not None:
-            svd = factorized_svd(up, down)
-            k = policy.choose(svd.S)
-            cut = svd.truncate(k)
-            up, down = cut.to_lora(None, kernel=None)
-            if cut.rel_error is not None:
-                errors[name] = float(cut.rel_error)
-        r = int(up.shape[1])
-        conv = kernel is not None and len(kernel) > 0
-        try:
-            encoded = encode_lora(
-                up,
-                down,
-                float(r),
-                suffixes=style,
-                conv=conv,
-                kernel=kernel if conv else None,
-                dtype=out_dtype,
-            )
-        except AdapterError as exc:
-            raise AdapterError(f"module {name!r}: {exc.message}", hint=exc.hint) from None
-        for suffix, t in encoded.items():
-            tensors[name + suffix] = t
-        ranks[name] = r
-        if conv and kernel is not None and math.prod(kernel) > 1:
-            big_conv.add(name)
-        progress(ProgressEvent("merging", done, total, name))
-
-    extra = {}
-    if any(lora.metadata.get("ss_network_module") for lora in loras):
-        extra["ss_network_module"] = "networks.lora"
-    record: dict[str, object] = {
-        "mode": "lora",
-        "method": "exact" if policy is None else f"svd:{policy.method}:{policy.value:g}",
-        "inputs": [{"file": lora.path.name, "ratio": lora.ratio} for lora in loras],
-        "spelling": spelling,
-        "blocks": blocks.notation if blocks else None,
-    }
-    # ss_network_dim/alpha (and conv_dim/alpha in ss_network_args) as kohya writes them; alpha = rank
-    meta = output_metadata(
-        merged_metadata(
-            [(lora.path, lora.ratio, lora.metadata) for lora in loras], keep_ss=True, extra=extra
-        ),
-        linear=[(r, float(r)) for n, r in ranks.items() if n not in big_conv],
-        conv=[(r, float(r)) for n, r in ranks.items() if n in big_conv],
-        record_key="lorasmith_merge",
-        record=record,
-    )
-    writer = SafetensorsWriter(
-        output, metadata=meta, overwrite=overwrite, inputs=[lora.path for lora in loras]
-    )
+    opened = views(units, [lora.file for lora in loras])
     try:
-        for key, t in tensors.items():
-            writer.write(key, t)
-        result = writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-    return LoraMergeOutcome(
-        modules=len(ranks),
-        ranks=ranks,
-        spelling=spelling,
-        rel_errors=errors,
-        notation=blocks.notation if blocks else None,
-        warnings=warnings,
-        write=result,
-    )
+        out_dtype = save_dtype or first.dtype
+        tensors: dict[str, torch.Tensor] = {}
+        ranks: dict[str, int] = {}
+        big_conv: set[str] = set()  # conv modules with a kernel larger than 1x1
+        errors: dict[str, float] = {}
+        warnings: list[str] = []
+        total = len(units)
+        for done, unit in enumerate(units, 1):
+            name = unit.name
+            bw = 1.0
+            if blocks is not None and unit.base_key is not None:
+                bw = blocks.weight(arch, unit.base_key)
+            if unit.passthrough:  # norm modules (the base-dependent ones were refused above)
+                tensors.update(_norm_tensors(unit, lookup, bw, compute, out_dtype))
+                progress(ProgressEvent("merging", done, total, name))
+                continue
+            ups: list[torch.Tensor] = []
+            downs: list[torch.Tensor] = []
+            bias: torch.Tensor | None = None
+            for c in unit.contributions:
+                lora = lookup[id(c.file)]
+                try:
+                    with file_context(lora.path):
+                        read = c.file.read_module(c.module)
+                finally:
+                    c.file.close()  # nothing stays open between reads (see LoadedLora.read)
+                s = lora.ratio * c.weight * bw
+                if read.bias is not None and s != 0.0:
+                    part = read.bias.to(compute).reshape(-1)[c.src_start : c.src_start + c.rows] * s
+                    if bias is None:
+                        bias = torch.zeros(unit.out_features, dtype=compute)
+                    bias[c.dst_start : c.dst_start + c.rows] += part
+                f = module_factors(read.module, compute, lora.path)
+                if f.down.shape[1] != unit.in_flat:
+                    raise ShapeMismatchError(
+                        f"module {c.module!r} of {lora.path.name} has {f.down.shape[1]} input columns, the "
+                        f"output module {name!r} has {unit.in_flat}",
+                        hint="the LoRAs were made for different models of the family",
+                    )
+                s *= f.scale
+                if s == 0.0:
+                    continue
+                root = math.sqrt(abs(s))
+                ups.append(_place_rows(f.up, c, unit.out_features) * root)
+                downs.append(f.down * math.copysign(root, s))
+            if not ups:  # every contribution is 0: a zero module of rank 1 keeps the key set
+                ups = [torch.zeros(unit.out_features, 1, dtype=compute)]
+                downs = [torch.zeros(1, unit.in_flat, dtype=compute)]
+            up = torch.cat(ups, dim=1)
+            down = torch.cat(downs, dim=0)
+            if policy is not None:
+                svd = factorized_svd(up, down)
+                k = policy.choose(svd.S)
+                cut = svd.truncate(k)
+                up, down = cut.to_lora(None, kernel=None)
+                if cut.rel_error is not None:
+                    errors[name] = float(cut.rel_error)
+            r = int(up.shape[1])
+            extras = (
+                None
+                if bias is None
+                else UnitExtras(scale=1.0, dora=None, dora_suffix=None, bias=bias.to(out_dtype))
+            )
+            try:
+                encoded = encode_unit(unit, up, down, float(r), style, out_dtype, extras)
+            except AdapterError as exc:
+                raise AdapterError(f"module {name!r}: {exc.message}", hint=exc.hint) from None
+            tensors.update(encoded)
+            ranks[name] = r
+            if unit.is_conv:
+                big_conv.add(name)
+            progress(ProgressEvent("merging", done, total, name))
+
+        extra = {}
+        if any(lora.metadata.get("ss_network_module") for lora in loras):
+            extra["ss_network_module"] = "networks.lora"
+        record: dict[str, object] = {
+            "mode": "lora",
+            "method": "exact" if policy is None else f"svd:{policy.method}:{policy.value:g}",
+            "inputs": [{"file": lora.path.name, "ratio": lora.ratio} for lora in loras],
+            "spelling": spelling,
+            "blocks": blocks.notation if blocks else None,
+        }
+        # ss_network_dim/alpha (and conv_dim/alpha in ss_network_args) as kohya writes them; alpha = rank
+        meta = output_metadata(
+            merged_metadata(
+                [(lora.path, lora.ratio, lora.metadata) for lora in loras], keep_ss=True, extra=extra
+            ),
+            linear=[(r, float(r)) for n, r in ranks.items() if n not in big_conv],
+            conv=[(r, float(r)) for n, r in ranks.items() if n in big_conv],
+            record_key="lorasmith_merge",
+            record=record,
+        )
+        if not any(u.passthrough for u in units):  # every module is a LoRA now
+            meta = plain_lora_metadata(meta)
+        writer = SafetensorsWriter(
+            output, metadata=meta, overwrite=overwrite, inputs=[lora.path for lora in loras]
+        )
+        try:
+            for key, t in tensors.items():
+                writer.write(key, t)
+            result = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        return LoraMergeOutcome(
+            modules=len(ranks),
+            ranks=ranks,
+            spelling=spelling,
+            rel_errors=errors,
+            notation=blocks.notation if blocks else None,
+            warnings=warnings,
+            write=result,
+        )
+    finally:
+        for v in opened:
+            v.close()

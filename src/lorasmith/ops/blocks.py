@@ -94,7 +94,8 @@ def preset_values(name: str, labels: Sequence[str]) -> dict[str, float]:
     if not ins or not outs:
         raise BlockWeightError(
             f"preset {up} needs IN../OUT.. blocks, which this notation ({len(labels)} labels) lacks",
-            hint="use ALL or NONE, a list of values, or LABEL=value pairs",
+            hint="only ALL and NONE fit every family (the others need IN../OUT.. labels, as SD1 and SDXL "
+            "have); or give a list of values or LABEL=value pairs",
         )
     in_shallow, in_deep = _halves(ins)
     out_deep, out_shallow = _halves(outs)
@@ -120,7 +121,9 @@ def _number(text: str, what: str) -> float:
             f"block weight {what}: {text!r} is not a number", hint="write values like 1, 0.5 or -0.25"
         ) from None
     if not math.isfinite(value):
-        raise BlockWeightError(f"block weight {what}: {text!r} is not finite")
+        raise BlockWeightError(
+            f"block weight {what}: {text!r} is not finite", hint="write values like 1, 0.5 or -0.25"
+        )
     return value
 
 
@@ -162,6 +165,10 @@ def parse_blocks(spec: str, arch: Architecture) -> BlockWeights:
                 raise BlockWeightError(
                     f"unknown block label {label or part!r} for {arch.id}",
                     hint=f"labels: {', '.join(sorted(every))}",
+                )
+            if label in weights:
+                raise BlockWeightError(
+                    f"block label {label} given twice in {text!r}", hint="give each label once"
                 )
             weights[label] = _number(value.strip(), label)
         notation = max(notations, key=lambda n: len(notations[n]))

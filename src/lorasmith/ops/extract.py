@@ -543,6 +543,11 @@ def _policy(
     ]
     if len(chosen) > 1:
         raise UsageError(f"{' and '.join(chosen)} exclude each other", hint="choose one rank rule")
+    if rank is not None and rank < 1:
+        raise UsageError(f"--rank {rank} must be at least 1", hint="use e.g. 32")
+    if auto and rank is not None:
+        # --rank would be silently ignored: --auto has its own cap
+        raise UsageError("--rank and --auto exclude each other", hint="cap the --auto rank with --rank-max")
     if rank_max < 1:
         raise UsageError(f"--rank-max {rank_max} must be at least 1", hint="use e.g. 64")
     if auto:

@@ -6,6 +6,7 @@ through an optional callback. The maths and the choices are documented in ``docs
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -60,7 +61,22 @@ def _ratios(
     from lorasmith.ops._merge_lora import parse_weighted
 
     parsed = [parse_weighted(s, None) for s in specs]
+    for spec, (path, ratio) in zip(specs, parsed, strict=True):
+        text = os.fspath(spec)
+        head, sep, tail = text.rpartition(":")
+        # "a.safetensors:abc" is taken as a path (a colon may be part of a name); when that path does not
+        # exist but the part before the colon does, the user meant a ratio
+        if ratio is None and sep and head and not path.exists() and Path(os.path.expanduser(head)).exists():
+            raise LorasmithError(
+                f"{text}: ratio {tail!r} is not a number",
+                hint="write FILE:RATIO with a number (a.safetensors:0.7)",
+            )
     if ratios is not None:
+        bad = [r for r in ratios if not math.isfinite(r)]
+        if bad:
+            raise LorasmithError(
+                f"ratio {bad[0]!r} is not a finite number", hint="give finite numbers like 0.7,0.3"
+            )
         if len(ratios) != len(parsed):
             raise LorasmithError(
                 f"ratio count mismatch: {len(ratios)} ratios for {len(parsed)} inputs",
@@ -165,7 +181,10 @@ def merge(
         else:
             vals = [1.0 if r is None else float(r) for r in given]
         if not 0.0 < density <= 1.0 or not 0.0 <= drop < 1.0:
-            raise LorasmithError("--density must be in (0, 1] and --drop in [0, 1)")
+            raise LorasmithError(
+                f"--density {density:g} / --drop {drop:g} out of range",
+                hint="--density is a fraction in (0, 1] (TIES) and --drop a probability in [0, 1) (DARE)",
+            )
         pairs = list(zip([p for p, _ in parsed], vals, strict=True))
         check_output_path(out, overwrite=overwrite, inputs=[p for p, _ in pairs])
         res = merge_checkpoints(
@@ -251,7 +270,7 @@ def merge(
 
         check_same_family(loaded)
         policy = RankPolicy.parse(rank, dynamic)
-        bw = parse_blocks(blocks, loaded[0].arch) if blocks else None
+        bw = parse_blocks(blocks, loaded[0].arch) if blocks is not None else None
         lres = merge_loras(
             loaded,
             out,

@@ -20,10 +20,11 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PrivateAttr,
@@ -74,13 +75,27 @@ class RecipeError(LorasmithError):
         super().__init__("\nerror: ".join(self.problems), hint=hint)
 
 
+def _no_bool(value: Any) -> Any:
+    """YAML ``true``/``false`` where a number is expected is a mistake, not 1 or 0."""
+    if isinstance(value, bool):
+        raise ValueError("Input should be a valid number, not true or false")
+    return value
+
+
+Number = Annotated[float, BeforeValidator(_no_bool)]
+Integer = Annotated[int, BeforeValidator(_no_bool)]
+
+#: ``dynamic`` methods (``METHOD:VALUE``) of the SVD merge.
+DYNAMIC_METHODS: tuple[str, ...] = ("sv_ratio", "sv_fro", "sv_cumulative", "energy")
+
+
 class RecipeInput(BaseModel):
     """One input file of a recipe and its ratio (``None``: the mode's default)."""
 
     model_config = ConfigDict(extra="forbid")
 
     path: str = Field(min_length=1)
-    ratio: float | None = None
+    ratio: Number | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -121,16 +136,16 @@ class MergeRecipe(BaseModel):
     base: str | None = Field(None, min_length=1)
     models: list[RecipeInput] = Field(default_factory=list)
     method: Literal["weighted-sum", "add-difference", "ties", "dare"] = "weighted-sum"
-    rank: int | None = Field(None, ge=1)
+    rank: Integer | None = Field(None, ge=1)
     dynamic: str | None = None
     to: str | None = None
     blocks: BlocksValue | None = None
     arch: str | None = None
     unet_only: bool = False
-    density: float = Field(0.2, gt=0.0, le=1.0)
-    drop: float = Field(0.9, ge=0.0, lt=1.0)
-    lam: float = Field(1.0, alias="lambda", allow_inf_nan=False)
-    seed: int = 0
+    density: Number = Field(0.2, gt=0.0, le=1.0)
+    drop: Number = Field(0.9, ge=0.0, lt=1.0)
+    lam: Number = Field(1.0, alias="lambda", allow_inf_nan=False)
+    seed: Integer = 0
     precision: Literal["float32", "float64", "fp32", "fp64"] = "float32"
     save_dtype: (
         Literal["float32", "float16", "bfloat16", "float64", "fp32", "fp16", "bf16", "fp64"] | None
@@ -147,6 +162,25 @@ class MergeRecipe(BaseModel):
     text_encoder_out: str | None = Field(None, min_length=1)
     #: the recipe file, for messages (set by :func:`load_recipe`)
     _source: str = PrivateAttr(default="recipe")
+
+    @field_validator("dynamic")
+    @classmethod
+    def _dynamic(cls, value: str | None) -> str | None:
+        """``METHOD:VALUE`` with a known method and a number (its range is checked by the merge)."""
+        if value is None:
+            return value
+        method, sep, number = value.partition(":")
+        if not sep or method not in DYNAMIC_METHODS:
+            raise ValueError(
+                f"write METHOD:VALUE with METHOD one of {', '.join(DYNAMIC_METHODS)} (sv_fro:0.9)"
+            )
+        try:
+            v = float(number)
+        except ValueError:
+            raise ValueError(f"{number!r} is not a number") from None
+        if not math.isfinite(v):
+            raise ValueError(f"{number!r} is not a finite number")
+        return value
 
     @model_validator(mode="after")
     def _one_mode(self) -> MergeRecipe:
@@ -289,7 +323,9 @@ def _merge_arguments(
     base = Path(folder)
     out = _resolve(base, recipe.output) if recipe.output is not None else output
     if out is None:
-        raise RecipeError(["recipe: output: missing"], hint="add output: FILE to the recipe, or give -o")
+        raise RecipeError(
+            [f"{recipe._source}: output: missing"], hint="add output: FILE to the recipe, or give -o"
+        )
     return {
         "loras": [_spec(base, x) for x in recipe.loras],
         "output": out,
@@ -347,23 +383,116 @@ def run_recipe(
         args["output"] = str(output)
     args["overwrite"] = bool(args["overwrite"] or overwrite)
     parts = recipe_parts(recipe, folder)
-    if parts:
-        from lorasmith.ops.components import bake_parts
+    fields = _check_inputs(recipe, Path(folder))
+    if output is None and recipe.output is not None:
+        fields[args["output"]] = "output"
+        fields.setdefault(
+            str(Path(args["output"]).parent), "output"
+        )  # "FOLDER: output folder does not exist"
+    for name, (_src, dst) in parts.items():
+        fields[dst] = PART_FIELDS[name]
+    try:
+        if parts:
+            from lorasmith.ops.components import bake_parts
 
-        assert args["base"] is not None  # load_recipe checked it
-        return bake_parts(
-            args["base"],
-            args["loras"],
-            args["output"],
-            parts=parts,
-            arch=args["arch"],
-            blocks=args["blocks"],
-            precision=args["precision"],
-            save_dtype=args["save_dtype"],
-            strict=args["strict"],
-            overwrite=args["overwrite"],
-            progress=progress,
-        )
-    from lorasmith.ops.merge import merge
+            assert args["base"] is not None  # load_recipe checked it
+            return bake_parts(
+                args["base"],
+                args["loras"],
+                args["output"],
+                parts=parts,
+                arch=args["arch"],
+                blocks=args["blocks"],
+                precision=args["precision"],
+                save_dtype=args["save_dtype"],
+                strict=args["strict"],
+                overwrite=args["overwrite"],
+                progress=progress,
+            )
+        from lorasmith.ops.merge import merge
 
-    return merge(**args, progress=progress)
+        return merge(**args, progress=progress)
+    except LorasmithError as exc:
+        field = _field_of(exc, fields, recipe)
+        if field is None:
+            raise
+        raise _in_recipe(exc, f"{recipe._source}: {field}: ") from None
+
+
+def _inputs(recipe: MergeRecipe) -> list[tuple[str, str]]:
+    """``(field, path as written)`` of every input file of a recipe."""
+    out = [(f"loras[{i}]", x.path) for i, x in enumerate(recipe.loras)]
+    out += [(f"models[{i}]", x.path) for i, x in enumerate(recipe.models)]
+    if recipe.base is not None:
+        out.append(("base", recipe.base))
+    out += [(name, getattr(recipe, name)) for name in PART_FIELDS if getattr(recipe, name) is not None]
+    return out
+
+
+def _check_inputs(recipe: MergeRecipe, folder: Path) -> dict[str, str]:
+    """Check that every input file of ``recipe`` is there, before anything is read.
+
+    :return: resolved path -> field, for naming the field in later errors.
+    :raises RecipeError: a missing input, a folder, a ``FILE:RATIO`` whose ratio is not a number.
+    """
+    fields: dict[str, str] = {}
+    for name, written in _inputs(recipe):
+        path = _resolve(folder, written)
+        fields[path] = name
+        p = Path(path)
+        if p.is_file():
+            continue
+        head, sep, tail = written.rpartition(":")
+        if sep and head and not p.exists() and Path(_resolve(folder, head)).is_file():
+            problem, hint = (
+                f"ratio {tail!r} is not a number",
+                "write FILE:RATIO with a number (a.safetensors:0.7)",
+            )
+        else:
+            if p.is_dir():
+                problem = "is a directory, not a file"
+            elif p.exists():
+                problem = "not a regular file"
+            else:
+                problem = "no such file"
+            hint = f"relative paths in a recipe are relative to its folder ({folder.absolute()})"
+        raise RecipeError([f"{recipe._source}: {name}: {path}: {problem}"], hint=hint)
+    return fields
+
+
+def _field_of(exc: LorasmithError, fields: dict[str, str], recipe: MergeRecipe) -> str | None:
+    """The recipe field a merge error is about, when it can be told: the file it names first, or the
+    option it is about."""
+    from lorasmith.ops.blocks import BlockWeightError
+
+    if isinstance(exc, RecipeError) or exc.exit_code != 1:
+        return None
+    from lorasmith.io.writer import NonFiniteError
+
+    if isinstance(exc, NonFiniteError):
+        return None
+    msg = exc.message
+    for path, name in sorted(fields.items(), key=lambda kv: -len(kv[0])):
+        if msg.startswith((f"{path}:", f"{path} ")):
+            return name
+    if isinstance(exc, BlockWeightError):
+        return "blocks"
+    if recipe.to is not None and "has no spelling" in msg:
+        return "to"
+    for option in ("dynamic", "rank"):
+        if f"--{option}" in msg and getattr(recipe, option) is not None:
+            return option
+    if msg.startswith("inputs of different families"):
+        return "loras"
+    if msg.startswith("checkpoints of different families"):
+        return "models"
+    return None
+
+
+def _in_recipe(exc: LorasmithError, where: str) -> LorasmithError:
+    """A copy of ``exc`` (same class, so the same exit code) whose message starts with ``where``."""
+    new = exc.__class__.__new__(exc.__class__)
+    new.__dict__.update(exc.__dict__)
+    new.message = where + exc.message
+    new.args = (new.message,)
+    return new

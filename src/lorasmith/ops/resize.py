@@ -70,7 +70,6 @@ from lorasmith.ops.loralib import (
     load_lora,
     lora_tensor_specs,
     output_metadata,
-    plan_units,
     read_unit_extras,
     suffix_style_of,
     unit_dense,
@@ -695,6 +694,7 @@ def resize(
     import torch
 
     from lorasmith.io.writer import check_output_path
+    from lorasmith.ops._merge_lora import plan_files, views
 
     started = time.perf_counter()
     recipes = parse_recipes(recipe) if recipe is not None else []
@@ -712,6 +712,9 @@ def resize(
             hint="pass --base CKPT (the model the LoRA was trained for)",
         )
     specs = expand_inputs([str(i) for i in inputs])
+    for spec in specs:
+        for path, _weight in spec.parts:
+            _check_weight_suffix(path)
     policies = _policies(rank, conv_rank, dynamic, param, kohya_compat, recipes)
     all_inputs = [p for s in specs for p in s.paths] + ([base_path] if base_path else [])
     if output is not None:
@@ -729,6 +732,10 @@ def resize(
     else:
         assert output_dir is not None
         out_folder = Path(output_dir)
+        if out_folder.exists() and not out_folder.is_dir():
+            raise InvalidFileError(
+                f"{out_folder}: --output-dir is not a directory", hint="give a folder (or -o for one file)"
+            )
         if not out_folder.is_dir():
             raise InvalidFileError(f"{out_folder}: output folder does not exist", hint="create it first")
     dev = compute_device(device)
@@ -742,7 +749,11 @@ def resize(
             for f in files:  # load_lora already refused broken modules (rank 0 included)
                 result.warnings.extend(f.warnings)
             weights = [w for _, w in spec.parts]
-            units = plan_units(list(zip(files, weights, strict=True)), spelling=to)
+            # one module per weight rows (a spelling's alternate names are not counted twice); a later
+            # input's module the first spelling cannot name keeps its name (views of its file are closed here)
+            units = plan_files(list(zip(files, weights, strict=True)), to)
+            for view in views(units, files):
+                stack.callback(view.close)
             style = suffix_style_of(to or files[0].spelling, files[0].modules.values())
             paths: list[Path | None] = []
             for pol in policies:
@@ -786,6 +797,21 @@ def resize(
                 result.outputs.append(record)
     result.seconds = round(time.perf_counter() - started, 3)
     return result
+
+
+def _check_weight_suffix(path: Path) -> None:
+    """``a.safetensors:abc`` is read as a path (a colon may be part of a name); when it does not exist but
+    the part before the last colon does, the user wrote a merge weight that is not a number.
+
+    :raises LorasmithError: naming the item and the weight.
+    """
+    text = str(path)
+    head, sep, tail = text.rpartition(":")
+    if sep and head and not path.exists() and Path(head).exists():
+        raise LorasmithError(
+            f"{text}: merge weight {tail!r} is not a number",
+            hint="write FILE:WEIGHT with a number (a.safetensors:0.7)",
+        )
 
 
 def _claim(path: Path, planned: set[Path]) -> None:
@@ -1147,9 +1173,14 @@ def _metadata(
         record["spelling"] = to
     if base is not None:
         record["base"] = base.path.name
-    return output_metadata(
+    meta = output_metadata(
         job.files[0].metadata, linear=linear, conv=conv, record_key=RECORD_KEY, record=record
     )
+    if not any(u.passthrough for u in job.units):  # LoHa / LoKr / full diffs are written as LoRA
+        from lorasmith.ops._merge_lora import plain_lora_metadata
+
+        meta = plain_lora_metadata(meta)
+    return meta
 
 
 def _file_bytes(
@@ -1175,7 +1206,7 @@ def _budget_plan(
     """
     recipe = policy.recipe
     assert recipe is not None and recipe.size_mib is not None
-    budget = round(recipe.size_mib * 1024 * 1024)
+    budget = math.floor(recipe.size_mib * 1024 * 1024)  # never above the target, not even by a fraction
     decomposed = [u for u in job.units if not u.passthrough]
     order: list[tuple[float, int, int]] = []
     for ui, unit in enumerate(decomposed):
