@@ -353,3 +353,32 @@ def test_bake_dev_lora_into_schnell_reports_guidance_as_unmatched(tmp_path: Path
     r = merge([fx.path], base=tmp_path / "s.safetensors", output=tmp_path / "o.safetensors")
     assert r.unmatched and all("guidance_in" in u for u in r.unmatched)
     assert r.changed == len({m.target.key for m in fx.modules.values()}) - len(r.unmatched)
+
+
+def test_to_takes_the_words_convert_takes(tmp_path: Path) -> None:
+    """``--to comfy`` means the spelling ComfyUI loads for every component (convert's meaning); merge read it
+    as the diffusion-model-only ``comfy`` key spelling and refused the text-encoder modules."""
+    sd = get("sd1")
+    fx = make_lora(sd, tmp_path / "a.safetensors", rank=2, limit=12, spelling="peft")
+    assert any(m.alias.component != "unet" for m in fx.modules.values())
+    merge([fx.path], output=tmp_path / "o.safetensors", to="comfy", precision="float64")
+    assert all(n.startswith(("lora_unet_", "lora_te_")) for n in load_all(tmp_path / "o.safetensors"))
+    _assert_sum(tmp_path / "o.safetensors", (fx, 1.0))
+    merge([fx.path], output=tmp_path / "d.safetensors", to="diffusers", precision="float64")
+    _assert_sum(tmp_path / "d.safetensors", (fx, 1.0))
+    res = runner.invoke(app, ["merge", str(fx.path), "--to", "nope", "-o", str(tmp_path / "x.safetensors")])
+    assert res.exit_code == 2 and "unknown target spelling" in res.output and "hint:" in res.output
+
+
+@pytest.mark.parametrize("spelling", ["kohya", "kohya-ldm"])
+def test_the_same_file_twice_keeps_each_ratio(tmp_path: Path, spelling: str) -> None:
+    """The second of two inputs with the same path took the first one's ratio (1 + 1 instead of 1 + 0.5)."""
+    sd = get("sd1")
+    fa = make_lora(sd, tmp_path / "a.safetensors", rank=2, limit=8, spelling=spelling, seed=1)
+    fb = make_lora(sd, tmp_path / "b.safetensors", rank=2, limit=12, spelling="kohya", seed=2)
+    merge(
+        [fa.path, f"{fb.path}:0.25", f"{fa.path}:0.5", f"{fb.path}:-1"],
+        output=tmp_path / "o.safetensors",
+        precision="float64",
+    )
+    _assert_sum(tmp_path / "o.safetensors", (fa, 1.5), (fb, -0.75))

@@ -125,3 +125,22 @@ def test_lycoris_algo_metadata_follows_the_output(tmp_path: Path) -> None:
     assert out["ss_network_module"] == "lycoris.kohya" and json.loads(out["ss_network_args"]) == {
         "algo": "locon"
     }
+
+
+def test_to_comfy_means_the_default_spelling(tmp_path: Path) -> None:
+    fx = make_lora(get("sd1"), tmp_path / "a.safetensors", rank=4, limit=12, spelling="peft")
+    resize([fx.path], output=tmp_path / "o.safetensors", rank=8, to="comfy", precision="float64")
+    assert all(n.startswith(("lora_unet_", "lora_te_")) for n in load_all(tmp_path / "o.safetensors"))
+    _assert_sum(tmp_path / "o.safetensors", (fx, 1.0))
+
+
+def test_to_an_unknown_word_is_a_usage_error(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from lorasmith.cli import app
+
+    fx = make_lora(get("sd1"), tmp_path / "a.safetensors", rank=4, limit=4)
+    o = str(tmp_path / "o.safetensors")
+    res = CliRunner().invoke(app, ["resize", str(fx.path), "-o", o, "--rank", "2", "--to", "nope"])
+    assert res.exit_code == 2 and "unknown target spelling 'nope'" in res.output and "hint:" in res.output
+    assert not (tmp_path / "o.safetensors").exists()

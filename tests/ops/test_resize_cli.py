@@ -154,8 +154,8 @@ def test_the_input_is_never_the_output(files: dict[str, Path]) -> None:
             "unknown dynamic method",
         ),
         (
-            ["{lora}", "-o", "{tmp}/o.safetensors", "--rank", "2", "--to", "nope"],
-            "has no LoRA spelling 'nope'",
+            ["{lora}", "-o", "{tmp}/o.safetensors", "--rank", "2", "--to", "onetrainer"],
+            "no 'onetrainer' spelling",
         ),
         (["{lora}", "-o", "{tmp}/o.safetensors", "--rank", "2", "--device", "tpu"], "unknown device"),
         (["{dir}/missing.safetensors", "-o", "{tmp}/o.safetensors", "--rank", "2"], "no such file"),

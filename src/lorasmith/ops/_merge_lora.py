@@ -473,13 +473,19 @@ def _covered(rows: tuple[int, int], spans: Sequence[tuple[int, int]]) -> bool:
     return pos >= rows[1]
 
 
-def plan_merge(loras: Sequence[LoadedLora], to: str | None) -> list[Unit]:
+def plan_merge(
+    loras: Sequence[LoadedLora], to: str | None, origins: dict[int, LoraFile] | None = None
+) -> list[Unit]:
     """The output modules of a LoRA merge: :func:`plan_files` of the inputs at weight 1 (the caller applies
     each input's ratio, so that a norm module, whose 1-d delta is additive, may be scaled too)."""
-    return plan_files([(lora.file, 1.0) for lora in loras], to)
+    return plan_files([(lora.file, 1.0) for lora in loras], to, origins)
 
 
-def plan_files(inputs: Sequence[tuple[LoraFile, float]], to: str | None) -> list[Unit]:
+def plan_files(
+    inputs: Sequence[tuple[LoraFile, float]],
+    to: str | None,
+    origins: dict[int, LoraFile] | None = None,
+) -> list[Unit]:
     """The output modules of files merged with weights (:func:`~lorasmith.ops.loralib.plan_units`,
     deduplicated with :func:`dedupe_units`).
 
@@ -487,7 +493,8 @@ def plan_files(inputs: Sequence[tuple[LoraFile, float]], to: str | None) -> list
     in the first input's spelling. A later module that spelling has no name for (a text-encoder module
     against a UNet-only spelling such as SD1 ``kohya-ldm``) keeps its own name, as a module of its own.
     Such a split input is planned as two views of its file, each with its own open handle: the caller
-    closes the :func:`views` of the units when done.
+    closes the :func:`views` of the units when done; ``origins`` (when given) receives ``id(view)`` -> the
+    input file it was made from.
     """
     inputs = list(inputs)
     first = inputs[0][0]
@@ -504,10 +511,11 @@ def plan_files(inputs: Sequence[tuple[LoraFile, float]], to: str | None) -> list
             spans.setdefault(target.key, []).append(span)
     placed: list[tuple[LoraFile, float]] = [inputs[0]]
     rest: list[tuple[LoraFile, float]] = []
+    made: dict[int, LoraFile] = {} if origins is None else origins
     try:
-        return _plan_split(inputs, arch, variant, spans, placed, rest)
+        return _plan_split(inputs, arch, variant, spans, placed, rest, made)
     except BaseException:
-        for v in [f for f, _ in placed + rest if not any(f is g for g, _ in inputs)]:
+        for v in [f for f, _ in placed + rest if id(f) in made]:
             v.close()
         raise
 
@@ -519,9 +527,10 @@ def _plan_split(
     spans: dict[str, list[tuple[int, int]]],
     placed: list[tuple[LoraFile, float]],
     rest: list[tuple[LoraFile, float]],
+    origins: dict[int, LoraFile],
 ) -> list[Unit]:
-    """:func:`plan_files` once the first input's row spans are known (``placed`` and ``rest`` are filled
-    here, so that the caller can close the views opened so far when anything fails)."""
+    """:func:`plan_files` once the first input's row spans are known (``placed``, ``rest`` and ``origins``
+    are filled here, so that the caller can close the views opened so far when anything fails)."""
     from lorasmith.io.reader import open_tensors
 
     for f, weight in inputs[1:]:
@@ -537,9 +546,11 @@ def _plan_split(
         if not left:
             placed.append((f, weight))
             continue
-        if keep:
-            placed.append((dataclasses.replace(f, modules=keep, _tf=open_tensors(f.path, f.header)), weight))
-        rest.append((dataclasses.replace(f, modules=left, _tf=open_tensors(f.path, f.header)), weight))
+        for part, into in ((keep, placed), (left, rest)):
+            if part:
+                view = dataclasses.replace(f, modules=part, _tf=open_tensors(f.path, f.header))
+                origins[id(view)] = f
+                into.append((view, weight))
     units = plan_units(placed)
     if rest:
         names = {u.name for u in units}
@@ -571,9 +582,10 @@ def _refuse_base_dependent(loras: Sequence[LoadedLora]) -> None:
                 )
 
 
-def _owner(loras: Sequence[LoadedLora], f: LoraFile) -> LoadedLora:
-    """The input a (possibly filtered, see :func:`plan_merge`) file belongs to."""
-    return next(lora for lora in loras if lora.file is f or lora.file.path == f.path)
+def _owner(loras: Sequence[LoadedLora], f: LoraFile, origins: dict[int, LoraFile]) -> LoadedLora:
+    """The input a file of the plan belongs to (a view of :func:`plan_files` through ``origins``)."""
+    f = origins.get(id(f), f)
+    return next(lora for lora in loras if lora.file is f)
 
 
 def _place_rows(up: torch.Tensor, c: Contribution, rows: int) -> torch.Tensor:
@@ -626,15 +638,17 @@ def merge_loras(
     check_same_family(loras)
     first = loras[0]
     arch = first.arch
+    if to is not None:
+        # the words convert takes: comfy (the family's default spelling), diffusers (peft), keep
+        from lorasmith.ops._convert_lora import resolve_target_spelling
+
+        to = resolve_target_spelling(arch, to, first.spelling)
     spelling = to or first.spelling
-    if to is not None and to not in arch.spellings:
-        raise LorasmithError(
-            f"{arch.id} has no spelling {to!r}", hint=f"spellings: {', '.join(arch.spellings)}"
-        )
     _refuse_base_dependent(loras)
     style = suffix_style_of(spelling, [i for lora in loras for i in lora.file.modules.values()])
-    units = plan_merge(loras, to)
-    lookup = {id(c.file): _owner(loras, c.file) for u in units for c in u.contributions}
+    origins: dict[int, LoraFile] = {}
+    units = plan_merge(loras, to, origins)
+    lookup = {id(c.file): _owner(loras, c.file, origins) for u in units for c in u.contributions}
 
     opened = views(units, [lora.file for lora in loras])
     try:

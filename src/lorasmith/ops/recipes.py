@@ -33,7 +33,7 @@ from pydantic import (
     model_validator,
 )
 
-from lorasmith.errors import InvalidFileError, LorasmithError
+from lorasmith.errors import EXIT_USAGE, EXIT_USER, InvalidFileError, LorasmithError, UsageError
 from lorasmith.progress import ProgressCallback
 
 if TYPE_CHECKING:
@@ -465,7 +465,7 @@ def _field_of(exc: LorasmithError, fields: dict[str, str], recipe: MergeRecipe) 
     option it is about."""
     from lorasmith.ops.blocks import BlockWeightError
 
-    if isinstance(exc, RecipeError) or exc.exit_code != 1:
+    if isinstance(exc, RecipeError) or exc.exit_code not in (EXIT_USER, EXIT_USAGE):
         return None
     from lorasmith.io.writer import NonFiniteError
 
@@ -477,7 +477,7 @@ def _field_of(exc: LorasmithError, fields: dict[str, str], recipe: MergeRecipe) 
             return name
     if isinstance(exc, BlockWeightError):
         return "blocks"
-    if recipe.to is not None and "has no spelling" in msg:
+    if recipe.to is not None and "spelling" in msg:
         return "to"
     for option in ("dynamic", "rank"):
         if f"--{option}" in msg and getattr(recipe, option) is not None:
@@ -490,7 +490,12 @@ def _field_of(exc: LorasmithError, fields: dict[str, str], recipe: MergeRecipe) 
 
 
 def _in_recipe(exc: LorasmithError, where: str) -> LorasmithError:
-    """A copy of ``exc`` (same class, so the same exit code) whose message starts with ``where``."""
+    """A copy of ``exc`` (same class, so the same exit code) whose message starts with ``where``.
+
+    A usage error (exit code 2) is about the recipe's content here, not the command line: exit code 1.
+    """
+    if isinstance(exc, UsageError):
+        return LorasmithError(where + exc.message, hint=exc.hint)
     new = exc.__class__.__new__(exc.__class__)
     new.__dict__.update(exc.__dict__)
     new.message = where + exc.message

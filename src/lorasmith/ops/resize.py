@@ -694,6 +694,7 @@ def resize(
     import torch
 
     from lorasmith.io.writer import check_output_path
+    from lorasmith.ops._convert_lora import resolve_target_spelling
     from lorasmith.ops._merge_lora import plan_files, views
 
     started = time.perf_counter()
@@ -749,12 +750,16 @@ def resize(
             for f in files:  # load_lora already refused broken modules (rank 0 included)
                 result.warnings.extend(f.warnings)
             weights = [w for _, w in spec.parts]
+            # the words convert takes (comfy: the family's default spelling, diffusers: peft, keep)
+            spec_to = to
+            if to is not None and files[0].arch is not None:
+                spec_to = resolve_target_spelling(files[0].arch, to, files[0].spelling)
             # one module per weight rows (a spelling's alternate names are not counted twice); a later
             # input's module the first spelling cannot name keeps its name (views of its file are closed here)
-            units = plan_files(list(zip(files, weights, strict=True)), to)
+            units = plan_files(list(zip(files, weights, strict=True)), spec_to)
             for view in views(units, files):
                 stack.callback(view.close)
-            style = suffix_style_of(to or files[0].spelling, files[0].modules.values())
+            style = suffix_style_of(spec_to or files[0].spelling, files[0].modules.values())
             paths: list[Path | None] = []
             for pol in policies:
                 if output is not None:
@@ -764,7 +769,7 @@ def resize(
                 else:
                     assert output_dir is not None
                     thr = pol.recipe.threshold if pol.recipe is not None else None
-                    named = Path(output_dir) / _output_name(spec.label, pol, thr, to)
+                    named = Path(output_dir) / _output_name(spec.label, pol, thr, spec_to)
                     _claim(named, planned)
                     check_output_path(named, overwrite=overwrite, inputs=all_inputs)
                     paths.append(named)
@@ -791,7 +796,7 @@ def resize(
                     all_inputs,
                     planned,
                     base_info,
-                    to,
+                    spec_to,
                     progress,
                 )
                 result.outputs.append(record)
