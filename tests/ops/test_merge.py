@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from _deltas import expected_sum, full_deltas
 from typer.testing import CliRunner
 
 from lorasmith.cli import app
@@ -26,36 +26,6 @@ def _dense(path: Path) -> dict[Key, torch.Tensor]:
     for name, mod in lora.modules.items():
         d = mod.delta(dtype=torch.float64)
         out[lora.group_of(name)] = d.reshape(d.shape[0], -1)
-    return out
-
-
-def _dense_full(path: Path) -> dict[str, torch.Tensor]:
-    """Canonical key -> the file's summed delta over the whole (shrunk) weight, whatever its layout
-    (fused or split modules)."""
-    lora = load_lora(path, 1.0)
-    out: dict[str, torch.Tensor] = {}
-    for name, mod in lora.modules.items():
-        d = mod.delta(dtype=torch.float64)
-        d = d.reshape(d.shape[0], -1)
-        alias = lora.alias(name)
-        assert alias is not None
-        spec = lora.arch.target_spec(alias.target.key, lora.file.variant)
-        assert spec is not None
-        start, rows = 0, d.shape[0]
-        if alias.target.slice is not None:
-            ratio = Fraction(alias.target.slice[2], d.shape[0])
-            start, rows = int(alias.target.slice[1] / ratio), int(spec.shape[0] / ratio)
-        full = out.setdefault(alias.target.key, torch.zeros(rows, d.shape[1], dtype=torch.float64))
-        full[start : start + d.shape[0]] += d
-    return out
-
-
-def _expected_full(*pairs: tuple[Any, float]) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for fx, w in pairs:
-        for k, v in fx.dense_deltas().items():  # type: ignore[attr-defined]
-            v = w * v.reshape(v.shape[0], -1)
-            out[k] = out[k] + v if k in out else v
     return out
 
 
@@ -88,8 +58,8 @@ def test_several_loras_sum_ranks_spellings(tmp_path: Path) -> None:
     fc = make_lora(a, tmp_path / "c.safetensors", rank=3, limit=12, spelling="kohya", seed=3, algo="loha")
     merge([f"{fa.path}:0.6", f"{fb.path}:-0.4", f"{fc.path}:1.5"], output=tmp_path / "o.safetensors")
     # the split PEFT modules land on the rows of the fused kohya ones (FLUX qkv, linear1)
-    got = _dense_full(tmp_path / "o.safetensors")
-    exp = _expected_full((fa, 0.6), (fb, -0.4), (fc, 1.5))
+    got = full_deltas(tmp_path / "o.safetensors")
+    exp = expected_sum((fa, 0.6), (fb, -0.4), (fc, 1.5))
     assert set(got) == set(exp)
     for k in exp:
         torch.testing.assert_close(got[k], exp[k], rtol=1e-4, atol=1e-5)

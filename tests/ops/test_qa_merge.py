@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _deltas import expected_sum, full_deltas
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
@@ -160,41 +161,8 @@ def test_ratio_and_option_errors(tmp_path: Path) -> None:
     assert not (tmp_path / "o.safetensors").exists()
 
 
-def _full_deltas(path: Path) -> dict[str, torch.Tensor]:
-    """Canonical key -> the summed delta over the whole (shrunk) weight (fused or split modules)."""
-    from fractions import Fraction
-
-    from lorasmith.ops._merge_lora import load_lora
-
-    lora = load_lora(path, 1.0)
-    out: dict[str, torch.Tensor] = {}
-    for name, mod in lora.modules.items():
-        d = mod.delta(dtype=torch.float64)
-        d = d.reshape(d.shape[0], -1)
-        alias = lora.alias(name)
-        assert alias is not None
-        spec = lora.arch.target_spec(alias.target.key, lora.file.variant)
-        assert spec is not None
-        start, rows = 0, d.shape[0]
-        if alias.target.slice is not None:
-            ratio = Fraction(alias.target.slice[2], d.shape[0])
-            start, rows = int(alias.target.slice[1] / ratio), int(spec.shape[0] / ratio)
-        full = out.setdefault(alias.target.key, torch.zeros(rows, d.shape[1], dtype=torch.float64))
-        full[start : start + d.shape[0]] += d
-    return out
-
-
-def _sum(*pairs: tuple[object, float]) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for fx, w in pairs:
-        for k, v in fx.dense_deltas().items():  # type: ignore[attr-defined]
-            v = w * v.reshape(v.shape[0], -1)
-            out[k] = out[k] + v if k in out else v
-    return out
-
-
 def _assert_sum(path: Path, *pairs: tuple[object, float]) -> None:
-    got, exp = _full_deltas(path), _sum(*pairs)
+    got, exp = full_deltas(path), expected_sum(*pairs)
     assert set(got) == set(exp)
     for k, e in exp.items():
         torch.testing.assert_close(got[k], e, rtol=1e-5, atol=1e-7)

@@ -2,36 +2,15 @@
 
 from __future__ import annotations
 
-from fractions import Fraction
 from pathlib import Path
 
 import torch
+from _deltas import full_deltas
 
 from lorasmith.io.reader import load_all
-from lorasmith.ops._merge_lora import load_lora
 from lorasmith.ops.resize import resize
 from lorasmith.registry import get
 from lorasmith.testing import make_lora
-
-
-def _full_deltas(path: Path) -> dict[str, torch.Tensor]:
-    """Canonical key -> the summed delta over the whole (shrunk) weight (fused or split modules)."""
-    lora = load_lora(path, 1.0)
-    out: dict[str, torch.Tensor] = {}
-    for name, mod in lora.modules.items():
-        d = mod.delta(dtype=torch.float64)
-        d = d.reshape(d.shape[0], -1)
-        alias = lora.alias(name)
-        assert alias is not None
-        spec = lora.arch.target_spec(alias.target.key, lora.file.variant)
-        assert spec is not None
-        start, rows = 0, d.shape[0]
-        if alias.target.slice is not None:
-            ratio = Fraction(alias.target.slice[2], d.shape[0])
-            start, rows = int(alias.target.slice[1] / ratio), int(spec.shape[0] / ratio)
-        full = out.setdefault(alias.target.key, torch.zeros(rows, d.shape[1], dtype=torch.float64))
-        full[start : start + d.shape[0]] += d
-    return out
 
 
 def _assert_sum(path: Path, *pairs: tuple[object, float]) -> None:
@@ -40,7 +19,7 @@ def _assert_sum(path: Path, *pairs: tuple[object, float]) -> None:
         for k, v in fx.dense_deltas().items():  # type: ignore[attr-defined]
             v = w * v.reshape(v.shape[0], -1)
             exp[k] = exp[k] + v if k in exp else v
-    got = _full_deltas(path)
+    got = full_deltas(path)
     assert set(got) == set(exp)
     for k, e in exp.items():
         torch.testing.assert_close(got[k], e, rtol=1e-6, atol=1e-8)
