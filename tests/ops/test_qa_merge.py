@@ -156,6 +156,7 @@ def test_ratio_and_option_errors(tmp_path: Path) -> None:
     _fails(["--models", m, m, "--density", "2", *o], "--density")
     _fails([lp, "--blocks", "IN04=inf", *o], "not finite")
     _fails([lp, "--blocks", "BASE=0,base=1", *o], "BASE given twice")
+    _fails([lp, "--precision", "fp16", *o], "too narrow")  # was accepted: sums in half precision
     flux = make_lora(get("flux"), tmp_path / "f.safetensors", rank=2, limit=4)
     _fails([str(flux.path), "--blocks", "INS", *o], "IN../OUT..", "ALL and NONE")
     assert not (tmp_path / "o.safetensors").exists()

@@ -151,6 +151,11 @@ def merge(
     if not modes and not loras:
         raise LorasmithError("nothing to merge", hint="give LoRA files, --base CKPT LORAS, or --models")
     compute = torch_dtype_of(precision, "--precision")
+    if compute.itemsize < 4:  # half-precision sums lose the small deltas a merge adds
+        raise LorasmithError(
+            f"--precision {precision} is too narrow to compute in",
+            hint="use float32 or float64 (--save-dtype sets the output's dtype)",
+        )
     save = torch_dtype_of(save_dtype, "--save-dtype") if save_dtype is not None else None
     if modes == ["checkpoint"]:
         from lorasmith.ops._merge_ckpt import merge_checkpoints
