@@ -42,6 +42,7 @@ from lorasmith.ops.loralib import (
     output_metadata,
     parse_merge_spec,
     plan_units,
+    rows_uncovered,
     suffix_style_of,
 )
 from lorasmith.ops.loralib import load_lora as loralib_load
@@ -462,17 +463,6 @@ def _real_rows(arch: Architecture, variant: str | None, target: Target) -> tuple
     return (0, int(spec.shape[0])) if spec is not None and spec.shape else None
 
 
-def _covered(rows: tuple[int, int], spans: Sequence[tuple[int, int]]) -> bool:
-    pos = rows[0]
-    for lo, hi in sorted(spans):
-        if lo > pos:
-            return False
-        pos = max(pos, hi)
-        if pos >= rows[1]:
-            return True
-    return pos >= rows[1]
-
-
 def plan_merge(
     loras: Sequence[LoadedLora], to: str | None, origins: dict[int, LoraFile] | None = None
 ) -> list[Unit]:
@@ -539,7 +529,7 @@ def _plan_split(
         for name, info in f.modules.items():
             t = info.target
             rows = None if t is None else _real_rows(arch, variant, t)
-            if t is None or rows is None or _covered(rows, spans.get(t.key, [])):
+            if t is None or rows is None or not rows_uncovered(rows, spans.get(t.key, [])):
                 keep[name] = info
             else:
                 left[name] = info

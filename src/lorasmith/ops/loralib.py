@@ -86,6 +86,7 @@ __all__ = [
     "output_metadata",
     "parse_merge_spec",
     "plan_units",
+    "rows_uncovered",
     "read_unit_extras",
     "suffix_style_of",
     "unit_dense",
@@ -772,7 +773,7 @@ class _UnitBuilder:
             self._place(slot, f, info, weight, 0, 0, rows)
             return
         covering = self._covering(target.key, real)
-        if _uncovered(real, [s.real for s in covering if s.real is not None]):
+        if rows_uncovered(real, [s.real for s in covering if s.real is not None]):
             # New output modules: the output spelling's aliases of this weight that cover these rows.
             for alias in self._aliases_for(target, real, where):
                 if alias.name in self.slots:
@@ -809,7 +810,7 @@ class _UnitBuilder:
             a_real = _real_range(alias.target, self._full_rows(alias.target.key))
             if a_real is not None and _overlap(a_real, real):
                 candidates.append((a_real, alias))
-        if not candidates or _uncovered(real, [r for r, _ in candidates]):
+        if not candidates or rows_uncovered(real, [r for r, _ in candidates]):
             raise LorasmithError(
                 f"{where} has no counterpart in the output spelling"
                 + (f" {self.spelling!r}" if self.spelling else ""),
@@ -848,7 +849,8 @@ def _overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
     return max(a[0], b[0]) < min(a[1], b[1])
 
 
-def _uncovered(real: tuple[int, int], ranges: Sequence[tuple[int, int]]) -> bool:
+def rows_uncovered(real: tuple[int, int], ranges: Sequence[tuple[int, int]]) -> bool:
+    """Whether some row of ``real`` (``[start, stop)``) lies in none of ``ranges``."""
     pos = real[0]
     for lo, hi in sorted(ranges):
         if lo > pos:
